@@ -1,0 +1,34 @@
+"""effcc: equivalence-preserving graph rewrites for PyTorch models.
+
+    res = effcc.optimize(model, (ids,), passes=["fold_norm_affine"])
+    print(res.report); effcc.export_onnx(res, "model.onnx")
+    torch.compile(model, backend="effcc")
+"""
+
+from .api import OptimizeResult, check_onnx, export_onnx, optimize, verify
+from .errors import CaptureError, EffccError, UnknownPassError, VerificationError
+from .passes import REGISTRY, Guarantee, Pass, register_pass
+
+__version__ = "0.1.0"
+
+
+def list_passes() -> dict[str, str]:
+    """Registered passes: name → one-line summary."""
+    return {name: cls.summary for name, cls in REGISTRY.items()}
+
+
+__all__ = [
+    "CaptureError",
+    "EffccError",
+    "Guarantee",
+    "OptimizeResult",
+    "Pass",
+    "UnknownPassError",
+    "VerificationError",
+    "check_onnx",
+    "export_onnx",
+    "list_passes",
+    "optimize",
+    "register_pass",
+    "verify",
+]

@@ -1,0 +1,85 @@
+"""The Python front door: optimize(), verify(), export_onnx(), check_onnx()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import fx, nn
+
+from .backends import onnx as onnx_backend
+from .capture import capture
+from .passes import Pass, default_passes, make_pass
+from .pipeline import run_passes
+from .program import Program
+from .report import PassResult, Report
+from .verify import Comparison
+from .verify import verify as _verify
+
+
+@dataclass
+class OptimizeResult:
+    """What optimize() returns: the rewritten model, and what was done to get it.
+
+    `model` is a torch.fx.GraphModule; call it like the original (same inputs, same output
+    structure).  `report` prints as a table; `passes` holds the same facts as data."""
+
+    model: fx.GraphModule
+    report: Report
+    program: Program
+
+    @property
+    def passes(self) -> list[PassResult]:
+        return self.report.passes
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: tuple,
+    passes=None,
+    *,
+    example_kwargs: dict | None = None,
+    verify: bool = True,
+    dynamic: bool = True,
+) -> OptimizeResult:
+    """Capture `model`, apply `passes` and verify each against the original in float64.
+
+    passes: names or (name, {options}) pairs, applied in order; None runs the default
+    (exact) passes.  The caller's model and its parameters are never changed.
+    dynamic: keep sizes the model does not specialise on (batch, sequence) symbolic.
+    """
+    chosen: list[Pass] = default_passes() if passes is None else [make_pass(p) for p in passes]
+    program = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
+    report = run_passes(model, program, chosen, verify=verify)
+    return OptimizeResult(program.gm, report, program)
+
+
+def verify(original: nn.Module, rewritten, inputs: tuple, kwargs: dict | None = None) -> Comparison:
+    """Max abs / rel error of `rewritten` (a model or an OptimizeResult) vs `original`, in float64."""
+    if isinstance(rewritten, OptimizeResult):
+        rewritten = rewritten.model
+    return _verify(original, rewritten, inputs, kwargs)
+
+
+def export_onnx(result, path, example_inputs: tuple | None = None, *, example_kwargs: dict | None = None, opset: int | None = None) -> Path:
+    """Write an optimize() result (or any model, with example_inputs) to an ONNX file.
+
+    A result keeps the dynamic sizes it was captured with (batch, sequence length)."""
+    if isinstance(result, OptimizeResult):
+        program = result.program
+        args = example_inputs if example_inputs is not None else program.example_args
+        kwargs = example_kwargs if example_kwargs is not None else program.example_kwargs
+        return onnx_backend.export_onnx(result.model, path, args, kwargs, dynamic_shapes=program.dynamic_shapes, opset=opset)
+    if example_inputs is None:
+        raise TypeError("export_onnx(model, path, example_inputs): example_inputs are needed for a plain model")
+    return onnx_backend.export_onnx(result, path, example_inputs, example_kwargs, opset=opset)
+
+
+def check_onnx(path, model, example_inputs: tuple, example_kwargs: dict | None = None, *, rtol: float = onnx_backend.export.ONNX_RTOL) -> Comparison:
+    """Run an ONNX file in ONNX Runtime and compare it with `model` (original or result) in PyTorch."""
+    if isinstance(model, OptimizeResult):
+        model = model.model
+    return onnx_backend.check_onnx(path, model, example_inputs, example_kwargs, rtol=rtol)

@@ -1,0 +1,1 @@
+"""Lowerings of a rewritten program: ONNX Runtime here; Triton kernels live with their ops."""

@@ -1,0 +1,131 @@
+"""Model + example inputs → `Program` (ATen training IR via torch.export, strict=False).
+
+At this level `aten.linear`, `aten.addmm`, `aten.layer_norm`, `aten.scaled_dot_product_attention`
+and `aten.embedding` are still whole ops, which is what passes match on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from .errors import CaptureError
+from .program import Program
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode for the capture, then restore each one's own flag."""
+    flags = {module: module.training for module in model.modules()}
+    for module in flags:  # not model.eval(): exported graph modules refuse it
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
+def automatic_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
+    """Let torch.export decide, dim by dim, which sizes may vary (Dim.AUTO everywhere)."""
+
+    def spec(value):
+        if isinstance(value, torch.Tensor):
+            return {axis: Dim.AUTO for axis in range(value.dim())}
+        if isinstance(value, (list, tuple)):
+            return type(value)(spec(v) for v in value)
+        if isinstance(value, dict):
+            return {k: spec(v) for k, v in value.items()}
+        return None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def detach_from_caller(gm: torch.fx.GraphModule) -> None:
+    """Give the graph its own copies of every tensor, so no rewrite can reach the caller's model.
+
+    Tensors that shared storage (tied embeddings) still share it after the copy."""
+    copies: dict[tuple, torch.Tensor] = {}
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key not in copies:
+            copies[key] = t.detach().clone()
+        return copies[key]
+
+    for module in gm.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(own(p), requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = own(b)
+        for name, value in list(vars(module).items()):  # lifted constants are plain attributes
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                setattr(module, name, own(value))
+
+
+def _export(model, args, kwargs, dynamic_shapes):
+    with eval_mode(model):
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic: bool = True) -> Program:
+    """Capture `model(*args, **kwargs)` as a Program, in eval mode, with copies of its tensors.
+
+    With `dynamic=True` sizes that the model does not specialise on (batch, sequence length)
+    stay symbolic, so the result runs on other shapes too; if that capture fails the
+    shapes of the example inputs are used and the program says so in its notes.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(args, tuple):
+        raise CaptureError(
+            f"example_inputs must be a tuple of the model's positional arguments, got {type(args).__name__}; "
+            "for one input write (x,)"
+        )
+    kwargs = dict(kwargs or {})
+    notes = []
+    if any(m.training for m in model.modules()):
+        notes.append("the model was in train mode: it was captured in eval mode (dropout off), its own mode is unchanged")
+    try:
+        spec = automatic_dynamic_shapes(model, args, kwargs) if dynamic else None
+    except TypeError as error:
+        raise CaptureError(
+            f"{type(model).__name__}.forward{inspect.signature(model.forward)} does not take these example inputs: {error}"
+        ) from None
+    try:
+        ep = _export(model, args, kwargs, spec)
+    except Exception as dynamic_failure:  # noqa: BLE001 - retried with static shapes below
+        if spec is None:
+            raise _capture_error(model, dynamic_failure) from dynamic_failure
+        try:
+            ep = _export(model, args, kwargs, None)
+        except Exception as static_failure:  # noqa: BLE001
+            raise _capture_error(model, static_failure) from static_failure
+        spec = None
+        notes.append(
+            "captured with the example inputs' exact shapes (dynamic capture failed: "
+            f"{_first_line(dynamic_failure)}); other shapes need a new optimize()"
+        )
+    gm = ep.module()
+    detach_from_caller(gm)
+    return Program(gm, args, kwargs, spec, notes)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def _capture_error(model: nn.Module, error: Exception) -> CaptureError:
+    return CaptureError(
+        f"could not capture {type(model).__name__} with torch.export: {type(error).__name__}: {_first_line(error)}. "
+        "Check that the example inputs are what forward() takes (a tuple of positional arguments), "
+        "and for Hugging Face models build them with use_cache=False."
+    )

@@ -1,0 +1,69 @@
+"""The pass contract: match → check preconditions → rewrite, with a declared guarantee.
+
+A pass is a dataclass whose fields are its options.  `apply` records every site it
+changed and every site it left alone, with the reason in words a user understands;
+the pipeline then verifies the whole model against the original in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..program import Program
+
+
+class Guarantee(str, enum.Enum):
+    EXACT = "exact"  # the same function, up to floating-point rounding
+    ISO_FLOP = "iso_flop"  # the same FLOPs, a different function
+    LOSSY = "lossy"  # an approximation whose error is measured and bounded
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Site:
+    where: str  # the layer or node, as `analysis.describe` names it
+    detail: str  # what was done there, or why nothing was
+
+
+@dataclass
+class SiteLog:
+    changed: list[Site] = field(default_factory=list)
+    skipped: list[Site] = field(default_factory=list)
+
+    def change(self, where: str, detail: str) -> None:
+        self.changed.append(Site(where, detail))
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped.append(Site(where, reason))
+
+
+# Relative error (max|Δ| / max|ref|, float64 evaluation) an exact rewrite may show, by the
+# dtype its rewritten tensors are stored in: only the re-rounding of those tensors remains.
+EXACT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass
+class Pass:
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line, shown by `effcc passes`
+    guarantee: ClassVar[Guarantee]
+    default: ClassVar[bool] = False  # run by torch.compile(backend="effcc") / optimize() with no passes named
+    rewrites_tensors: ClassVar[bool] = True  # needs parameter values as constants (inference only under torch.compile)
+
+    def apply(self, program: Program, log: SiteLog) -> None:
+        raise NotImplementedError
+
+    def rtol(self, dtype: torch.dtype) -> float:
+        """The largest float64 relative error the pipeline accepts from this pass."""
+        return EXACT_RTOL.get(dtype, 1e-4)
+
+    @classmethod
+    def options(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]

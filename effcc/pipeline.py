@@ -1,0 +1,72 @@
+"""Run passes one after another, verifying the whole model in float64 after each."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .errors import EffccError, VerificationError
+from .passes import Pass, SiteLog
+from .program import Program
+from .report import PassResult, Report
+from .verify import Comparison, compare, reference_outputs, run_float64
+
+
+# Captured graph vs eager model, both in float64.  Not 0: a model may keep a step in float32
+# on purpose (LLaMA's rotary angles) where the float64 graph computes it in float64.
+CAPTURE_RTOL = 1e-5
+
+
+def storage_dtype(program: Program) -> torch.dtype:
+    """The floating dtype most of the model's stored values use (what rewritten tensors are rounded to)."""
+    counts: dict[torch.dtype, int] = {}
+    for t in list(program.gm.parameters()) + list(program.gm.buffers()):
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def check_pass_list(passes: list[Pass]) -> None:
+    names = [p.name for p in passes]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise EffccError(f"pass {', '.join(map(repr, repeated))} is asked for more than once; name each pass once")
+
+
+def run_passes(model: nn.Module, program: Program, passes: list[Pass], *, verify: bool = True) -> Report:
+    """Apply `passes` to `program` in order (it is modified); `model` is the untouched original."""
+    check_pass_list(passes)
+    report = Report(type(model).__name__, capture=None, notes=list(program.notes))
+    reference = None
+    if verify:
+        # Each pass is measured against the captured graph in float64, so its figure is the
+        # rewrite's own error; the capture itself is checked against the eager model here.
+        reference = run_float64(program.gm, program.example_args, program.example_kwargs)
+        report.capture = compare(reference, reference_outputs(model, program.example_args, program.example_kwargs))
+        if not report.capture.within(CAPTURE_RTOL):
+            raise VerificationError(
+                f"the captured graph of {type(model).__name__} does not reproduce the model ({report.capture}); "
+                "effcc cannot rewrite it safely. Is forward() random or stateful (sampling, caches)?"
+            )
+    dtype = storage_dtype(program)
+    for p in passes:
+        start = time.perf_counter()
+        log = SiteLog()
+        p.apply(program, log)
+        program.recompile()
+        comparison = _check(program, reference) if verify else None
+        rtol = p.rtol(dtype)
+        report.passes.append(PassResult(p.name, p.guarantee, log.changed, log.skipped, comparison, rtol, time.perf_counter() - start))
+        if comparison is not None and not comparison.within(rtol):
+            raise VerificationError(
+                f"pass {p.name!r} changed what {type(model).__name__} computes: {comparison}, above its tolerance "
+                f"{rtol:.0e} for {dtype} weights (float64 evaluation). This is a bug in effcc; run without "
+                f"{p.name!r} and report it with the model."
+            )
+    return report
+
+
+def _check(program: Program, reference) -> Comparison:
+    return compare(run_float64(program.gm, program.example_args, program.example_kwargs), reference)

@@ -1,0 +1,92 @@
+"""`Program`: a captured model and the one small interface passes use for its tensors.
+
+A program is an FX GraphModule in which every parameter, buffer and constant is a
+`get_attr` node whose target is a dotted name ("transformer.h.0.ln_1.weight").  Passes
+never modify a tensor in place: they assign a new one under a name, which is what keeps
+the caller's model and any tied tensors safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+
+@dataclass
+class Program:
+    gm: fx.GraphModule
+    example_args: tuple
+    example_kwargs: dict = field(default_factory=dict)
+    dynamic_shapes: object = None  # the torch.export spec the graph was captured with
+    notes: list[str] = field(default_factory=list)  # facts about the capture worth reporting
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    # ---- reading -------------------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor:
+        module_path, _, leaf = name.rpartition(".")
+        return getattr(self.gm.get_submodule(module_path), leaf)
+
+    def tensor_of(self, node: fx.Node) -> torch.Tensor | None:
+        """The tensor behind a `get_attr` node, or None for any other node."""
+        if node.op != "get_attr":
+            return None
+        value = self.tensor(node.target)
+        return value if isinstance(value, torch.Tensor) else None
+
+    def readers(self, name: str) -> list[fx.Node]:
+        """Every node that reads the tensor `name` (through any of its get_attr nodes)."""
+        return [user for node in self.graph.find_nodes(op="get_attr", target=name) for user in node.users]
+
+    # ---- writing -------------------------------------------------------------------
+    def set_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Bind `name` to a new tensor, keeping its kind (parameter or buffer)."""
+        module_path, _, leaf = name.rpartition(".")
+        module = self.gm.get_submodule(module_path)
+        old = getattr(module, leaf, None)
+        value = value.detach()
+        if isinstance(old, nn.Parameter) or old is None:
+            requires_grad = old.requires_grad if old is not None else value.is_floating_point()
+            setattr(module, leaf, nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point()))
+        elif leaf in module._buffers:
+            module._buffers[leaf] = value
+        else:
+            setattr(module, leaf, value)
+
+    def new_tensor(self, like_name: str, value: torch.Tensor) -> fx.Node:
+        """Register `value` next to `like_name` under a fresh name; returns a get_attr node for it.
+
+        The node is inserted at the top of the graph; callers use it as an argument."""
+        for i in itertools.count(1):
+            name = f"{like_name}_effcc{i}"
+            module_path, _, leaf = name.rpartition(".")
+            if not hasattr(self.gm.get_submodule(module_path), leaf):
+                break
+        self.set_tensor(name, value)
+        first = next(iter(self.graph.nodes))
+        with self.graph.inserting_before(first):
+            return self.graph.get_attr(name)
+
+    def private_tensor(self, consumer: fx.Node, attr: fx.Node) -> str:
+        """The name of a tensor that `consumer` alone reads in place of `attr`'s tensor.
+
+        When the tensor has other readers (tied embeddings, a weight read twice), the
+        consumer gets its own copy so that rewriting it changes nobody else.  Tensors that
+        merely share storage under different names need nothing: writes assign new tensors.
+        """
+        if self.readers(attr.target) == [consumer]:
+            return attr.target
+        copy = self.new_tensor(attr.target, self.tensor(attr.target).clone())
+        consumer.replace_input_with(attr, copy)
+        return copy.target
+
+    def recompile(self) -> None:
+        # call_module nodes (export's input guards) have no users but must stay.
+        self.graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "call_module" or n.is_impure())
+        self.graph.lint()
+        self.gm.recompile()

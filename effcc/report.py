@@ -1,0 +1,71 @@
+"""What a run did, for a person: one table of passes, then every change and every refusal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .passes import Guarantee, Site
+from .verify import Comparison
+
+
+@dataclass
+class PassResult:
+    name: str
+    guarantee: Guarantee
+    changed: list[Site]
+    skipped: list[Site]
+    comparison: Comparison | None  # float64 error vs the original after this pass (None: not verified)
+    rtol: float | None
+    seconds: float
+
+
+@dataclass
+class Report:
+    model: str
+    capture: Comparison | None  # the captured graph vs the original, before any pass
+    passes: list[PassResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> int:
+        return sum(len(p.changed) for p in self.passes)
+
+    @property
+    def skipped(self) -> int:
+        return sum(len(p.skipped) for p in self.passes)
+
+    def __rich__(self):
+        table = Table(title=f"effcc: {self.model}", title_justify="left", expand=False)
+        for column in ("pass", "guarantee", "changed", "skipped", "max rel err (f64)", "tolerance", "time"):
+            table.add_column(column, justify="left" if column in ("pass", "guarantee") else "right")
+        if self.capture is not None:
+            table.add_row("(capture)", "", "", "", f"{self.capture.max_rel:.1e}", "", "")
+        for p in self.passes:
+            err = f"{p.comparison.max_rel:.1e}" if p.comparison else "not verified"
+            tol = f"{p.rtol:.0e}" if p.rtol is not None else ""
+            table.add_row(p.name, str(p.guarantee), str(len(p.changed)), str(len(p.skipped)), err, tol, f"{p.seconds:.2f}s")
+        parts = [table]
+        for p in self.passes:
+            for site in p.changed:
+                parts.append(Text.assemble(("  ✓ ", "green"), f"{p.name}: {site.where}: {site.detail}"))
+            for site in p.skipped:
+                parts.append(Text.assemble(("  ✗ ", "yellow"), f"{p.name}: skipped {site.where}: {site.detail}"))
+        parts.extend(Text(f"  note: {note}", style="dim") for note in self.notes)
+        return Group(*parts)
+
+    def __str__(self) -> str:
+        console = Console(width=120, record=True, file=_NullFile(), color_system=None)
+        console.print(self)
+        return console.export_text().rstrip()
+
+
+class _NullFile:
+    def write(self, _):
+        return 0
+
+    def flush(self):
+        pass
