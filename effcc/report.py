@@ -40,8 +40,8 @@ class Report:
 
     def __rich__(self):
         table = Table(title=f"effcc: {self.model}", title_justify="left", expand=False)
-        for column in ("pass", "guarantee", "changed", "skipped", "max rel err (f64)", "tolerance", "time"):
-            table.add_column(column, justify="left" if column in ("pass", "guarantee") else "right")
+        for column in ("pass", "guarantee", "changed", "skipped", "f64 rel err", "tolerance", "time"):
+            table.add_column(column, justify="left" if column in ("pass", "guarantee") else "right", no_wrap=True)
         if self.capture is not None:
             table.add_row("(capture)", "", "", "", f"{self.capture.max_rel:.1e}", "", "")
         for p in self.passes:

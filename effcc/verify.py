@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,9 @@ def _promote_dtype(arg):
 
 def promote_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A float64 copy of a captured graph module (the original is left as it is)."""
-    gm = copy.deepcopy(gm)
+    with warnings.catch_warnings():  # torch's own pytree deprecation, raised by deepcopy
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = copy.deepcopy(gm)
     for module in gm.modules():
         if isinstance(module, fx.GraphModule):
             for node in module.graph.nodes:

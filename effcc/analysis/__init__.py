@@ -1,7 +1,7 @@
 """Graph facts the passes share: what a node is (linear, norm), who reads it, residual streams."""
 
 from .graph import constant_value, describe, real_users, to_networkx
-from .patterns import Linear, Norm, match_linear, match_norm
+from .patterns import Linear, Norm, linears_reading, match_linear, match_norm
 from .residual import ResidualStream, residual_streams
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "ResidualStream",
     "constant_value",
     "describe",
+    "linears_reading",
     "match_linear",
     "match_norm",
     "real_users",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .graph import source_of, value_of
+from .graph import real_users, source_of, value_of
 
 aten = torch.ops.aten
 
@@ -168,3 +168,15 @@ def _is_square_of(node, x) -> bool:
     if node.target is aten.mul.Tensor:
         return node.args[0] is x and node.args[1] is x
     return node.target is aten.square.default and node.args[0] is x
+
+
+def linears_reading(node: fx.Node) -> tuple[list[Linear], list[fx.Node]]:
+    """The linears that take `node`'s output as their input, and every other reader of it."""
+    linears, others = [], []
+    for _, reader in real_users(node):
+        lin = match_linear(reader)
+        if lin is not None and source_of(lin.input) is node:
+            linears.append(lin)
+        else:
+            others.append(reader)
+    return linears, others

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..analysis import Linear, Norm, constant_value, describe, match_linear, match_norm, real_users
-from ..analysis.graph import source_of, value_of
+from ..analysis import Linear, Norm, constant_value, describe, linears_reading, match_norm
+from ..analysis.graph import value_of
 from ..program import Program
 from . import register_pass
 from .base import Guarantee, Pass, SiteLog
@@ -37,13 +37,12 @@ class FoldNormAffine(Pass):
             norm = match_norm(node)
             if norm is None or (norm.gamma is None and norm.beta is None):
                 continue
-            readers = [reader for _, reader in real_users(norm.node)]
-            if not readers:
+            linears, others = linears_reading(norm.node)
+            if not linears and not others:
                 continue
             where = describe(norm.node)
             gamma, beta = (_constant(program, n) for n in (norm.gamma, norm.beta))
-            linears = [match_linear(r) for r in readers]
-            problem = _why_not_foldable(norm, gamma, beta, readers, linears)
+            problem = _why_not_foldable(norm, gamma, beta, others)
             if problem:
                 log.skip(where, problem)
                 continue
@@ -58,10 +57,10 @@ def _constant(program: Program, node) -> torch.Tensor | None:
     return None if value is None else value.detach().double()
 
 
-def _why_not_foldable(norm: Norm, gamma, beta, readers, linears: list[Linear | None]) -> str | None:
-    for reader, lin in zip(readers, linears):
-        if lin is None or source_of(lin.input) is not norm.node:
-            return f"its output is also read by {describe(reader)} ({_op_name(reader)}), which cannot absorb γ/β"
+def _why_not_foldable(norm: Norm, gamma, beta, others: list[fx.Node]) -> str | None:
+    if others:
+        reader = others[0]
+        return f"its output is also read by {describe(reader)} ({_op_name(reader)}), which cannot absorb γ/β"
     if norm.gamma is not None and gamma is None:
         return "γ is computed at run time, not a stored tensor"
     if norm.beta is not None and beta is None:
@@ -97,7 +96,8 @@ def _add_to_bias(program: Program, lin: Linear, shift: torch.Tensor, dtype: torc
         old = program.tensor(name)
         program.set_tensor(name, (old.double() + shift).to(old.dtype))
         return
-    bias = program.new_tensor(lin.weight.target.rpartition(".")[0] + ".bias", shift.to(dtype))
+    owner, _, _ = lin.weight.target.rpartition(".")
+    bias = program.new_tensor(f"{owner}.bias" if owner else f"{lin.weight.target}_bias", shift.to(dtype))
     if lin.node.target is aten.linear.default:
         lin.node.args = (lin.node.args[0], lin.node.args[1], bias)
         return

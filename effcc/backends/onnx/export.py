@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +32,27 @@ def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None,
         options["dynamic_shapes"] = dynamic_shapes
     quiet = io.StringIO()
     try:
-        with torch.no_grad(), eval_mode(model), contextlib.redirect_stdout(quiet):
+        with torch.no_grad(), eval_mode(model), contextlib.redirect_stdout(quiet), _quiet_exporter():
             program = torch.onnx.export(model, args, kwargs=kwargs or None, **options)
     except Exception as error:  # noqa: BLE001 - reported with the exporter's own first line
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise EffccError(f"ONNX export of {type(model).__name__} failed: {first[:400]}") from error
     program.save(os.fspath(path))
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs a warning per missing optional package (torchvision ops): not ours to show."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def onnx_session(path):

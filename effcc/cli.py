@@ -1,0 +1,145 @@
+"""The `effcc` command: optimise a model from a shell, export it, check it."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from .errors import EffccError
+
+EPILOG = """\
+examples:
+  effcc demo                                  optimise the bundled TinyGPT, export it to ONNX, check it in ONNX Runtime
+  effcc passes                                list the passes, one line each
+  effcc optimize effcc.models:tiny_gpt        run the default (exact) passes on a model from a factory
+  effcc optimize mypkg.models:build --passes fold_norm_affine --export out.onnx
+
+A factory is a function `pkg.module:name` that takes no arguments and returns
+(model, example_inputs), example_inputs being the tuple of positional arguments of
+model.forward.  Give pass options as name:key=value, e.g. --passes smoothquant:alpha=0.5.
+Every pass is verified against the original model in float64; the report shows the error.
+"""
+
+
+def parse_pass(text: str):
+    """'name' or 'name:key=value:key=value' → 'name' or (name, {options})."""
+    name, *pairs = text.strip().split(":")
+    if not pairs:
+        return name
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise EffccError(f"pass option {pair!r} of {name!r} should be key=value")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return name, options
+
+
+def load_factory(target: str):
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise EffccError(f"expected a factory as pkg.module:function, got {target!r}")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise EffccError(f"cannot import {module_name!r}: {error}") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise EffccError(f"{module_name} has no function {attribute!r}")
+    made = factory()
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[1], tuple)):
+        raise EffccError(f"{target}() must return (model, example_inputs) with example_inputs a tuple, got {type(made).__name__}")
+    return made
+
+
+def cmd_passes(args, console: Console) -> int:
+    from . import REGISTRY
+
+    width = max(map(len, REGISTRY))
+    for name, cls in REGISTRY.items():
+        default = " (default)" if cls.default else ""
+        console.print(f"{name:<{width}}  [{cls.guarantee}]{default}  {cls.summary}", highlight=False, markup=False)
+    return 0
+
+
+def optimise_and_export(model, example_inputs, passes, export: Path | None, verify: bool, console: Console) -> int:
+    from . import check_onnx, export_onnx, optimize
+
+    with console.status("capturing and rewriting"):
+        result = optimize(model, example_inputs, passes, verify=verify)
+    console.print(result.report)
+    if export is not None:
+        with console.status(f"exporting {export}"):
+            export_onnx(result, export)
+            comparison = check_onnx(export, model, example_inputs)
+        console.print(f"ONNX: wrote {export}; ONNX Runtime vs original PyTorch model: {comparison}", highlight=False)
+    return 0
+
+
+def cmd_optimize(args, console: Console) -> int:
+    model, example_inputs = load_factory(args.target)
+    passes = None if args.passes is None else [parse_pass(p) for p in args.passes.split(",") if p.strip()]
+    return optimise_and_export(model, example_inputs, passes, args.export, not args.no_verify, console)
+
+
+def cmd_demo(args, console: Console) -> int:
+    from .models import tiny_gpt
+
+    model, example_inputs = tiny_gpt()
+    out = args.out or Path(tempfile.mkdtemp(prefix="effcc-demo-"))
+    console.print(f"TinyGPT (Pre-LN, {sum(p.numel() for p in model.parameters()):,} parameters), ids {tuple(example_inputs[0].shape)}")
+    return optimise_and_export(model, example_inputs, None, out / "tiny_gpt.onnx", True, console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="effcc",
+        description="effcc rewrites PyTorch models into equivalent, faster ones and proves each rewrite in float64.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"effcc {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    commands.add_parser("passes", help="list registered passes").set_defaults(run=cmd_passes)
+    opt = commands.add_parser("optimize", help="optimise a model built by a factory function", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    opt.add_argument("target", help="factory as pkg.module:function returning (model, example_inputs)")
+    opt.add_argument("--passes", help="comma-separated passes, in order (default: the exact default passes)")
+    opt.add_argument("--export", type=Path, metavar="FILE.onnx", help="also export the result to ONNX and check it in ONNX Runtime")
+    opt.add_argument("--no-verify", action="store_true", help="skip the float64 verification after each pass")
+    opt.set_defaults(run=cmd_optimize)
+    demo = commands.add_parser("demo", help="optimise the bundled TinyGPT, export to ONNX, run it in ONNX Runtime")
+    demo.add_argument("--out", type=Path, help="folder for tiny_gpt.onnx (default: a new temporary folder)")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0
+    console = Console(stderr=False)
+    try:
+        return args.run(args, console)
+    except EffccError as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
