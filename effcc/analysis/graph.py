@@ -84,14 +84,16 @@ def source_of(node: fx.Node) -> fx.Node:
 
 
 def constant_value(node, read_tensor) -> torch.Tensor | None:
-    """Evaluate `node` if it depends only on stored tensors (get_attr) and literals, else None.
+    """Evaluate `node` in float64 if it depends only on stored tensors (get_attr) and literals.
 
     `read_tensor(get_attr_node)` returns the stored tensor.  This is how γ = 1 + w (Gemma)
-    or a γ cast to float32 is recognised as a constant as well as a plain parameter."""
+    or a γ cast to float32 is recognised as a constant as well as a plain parameter.  Casts
+    to lower floating precision are evaluated as float64, matching how effcc verifies."""
     if not isinstance(node, fx.Node):
         return None
     if node.op == "get_attr":
-        return read_tensor(node)
+        value = read_tensor(node)
+        return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
     if node.op != "call_function" or node.target in IGNORED_READERS:
         return None
     inputs = [n for n in node.all_input_nodes]
@@ -100,11 +102,15 @@ def constant_value(node, read_tensor) -> torch.Tensor | None:
     values = {n: constant_value(n, read_tensor) for n in inputs}
     if any(v is None for v in values.values()):
         return None
-    args = fx.node.map_arg(node.args, lambda n: values[n])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
+    args = fx.node.map_aggregate(fx.node.map_arg(node.args, lambda n: values[n]), _as_float64)
+    kwargs = fx.node.map_aggregate(fx.node.map_arg(node.kwargs, lambda n: values[n]), _as_float64)
     with torch.no_grad():
         out = node.target(*args, **kwargs)
     return out if isinstance(out, torch.Tensor) else None
+
+
+def _as_float64(arg):
+    return torch.float64 if isinstance(arg, torch.dtype) and arg.is_floating_point else arg
 
 
 def describe(node: fx.Node) -> str:

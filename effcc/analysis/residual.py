@@ -41,7 +41,9 @@ def _is_residual_add(node: fx.Node) -> bool:
     operands = [value_of(a) for a in node.args]
     if out is None or out.dim() < 2 or not out.is_floating_point() or any(v is None for v in operands):
         return False
-    return all(len(v.shape) == len(out.shape) and all(_same(a, b) for a, b in zip(v.shape, out.shape)) for v in operands)
+    # Operands may broadcast over leading dims (a position embedding added to every batch row),
+    # but each carries whole feature vectors of the stream's width.
+    return all(0 < v.dim() <= out.dim() and _same(v.shape[-1], out.shape[-1]) for v in operands)
 
 
 def residual_streams(graph: fx.Graph) -> list[ResidualStream]:
@@ -59,6 +61,10 @@ def residual_streams(graph: fx.Graph) -> list[ResidualStream]:
         if len(group) < 2:
             continue
         chain = nx.dag_longest_path(links.subgraph(group))
+        # A leading add read only by the next one is a sum of branches (GPT-NeoX's
+        # attn + mlp), not the stream: the stream is what the blocks' norms read.
+        while len(chain) > 1 and [r for _, r in real_users(chain[0])] == [chain[1]]:
+            chain.pop(0)
         on_chain = set(chain)
         producers, readers = [], []
         for i, add in enumerate(chain):
@@ -68,5 +74,11 @@ def residual_streams(graph: fx.Graph) -> list[ResidualStream]:
                     producers.append(origin)
             nxt = chain[i + 1] if i + 1 < len(chain) else None
             readers.extend(reader for _, reader in real_users(add) if reader is not nxt)
+        # When the stream starts from a value that is not an add (a lone embedding), the
+        # first block reads that value directly: its readers are the stream's readers too.
+        for operand in chain[0].args:
+            first_readers = [r for _, r in real_users(source_of(operand))]
+            if len(first_readers) > 1:
+                readers.extend(r for r in first_readers if r is not chain[0])
         streams.append(ResidualStream(chain, producers, sorted(set(readers), key=order.get)))
     return sorted(streams, key=lambda s: order[s.adds[0]])

@@ -19,7 +19,12 @@ def make_pass(spec) -> Pass:
     """'name' or ('name', {option: value}) or a Pass instance → a configured Pass."""
     if isinstance(spec, Pass):
         return spec
-    name, options = (spec, {}) if isinstance(spec, str) else tuple(spec) if len(spec) == 2 else (spec, None)
+    if isinstance(spec, str):
+        name, options = spec, {}
+    elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+        name, options = spec
+    else:
+        name, options = None, None
     if not isinstance(name, str) or not isinstance(options, dict):
         raise UnknownPassError(f"a pass is given as 'name' or ('name', {{options}}), not {spec!r}")
     if name not in REGISTRY:

@@ -1,0 +1,81 @@
+"""Capture of real architectures: the captured graph computes what the model computes."""
+
+import pytest
+import torch
+from conftest import build, token_ids
+from torch import nn
+
+import effcc
+from effcc.capture import capture
+from effcc.verify import compare, reference_outputs, run_float64
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama", "bert", "gpt_neox"])
+def test_hf_capture_matches_eager_in_float64(arch):
+    model = build(arch)
+    program = capture(model, (token_ids(),))
+    got = run_float64(program.gm, program.example_args)
+    assert compare(got, reference_outputs(model, program.example_args)).max_rel < 1e-6
+    assert program.dynamic_shapes is not None  # batch and sequence stay symbolic
+
+
+def test_parameters_are_reachable_by_dotted_name():
+    program = capture(build("gpt2"), (token_ids(),))
+    weight = program.tensor("transformer.h.0.ln_1.weight")
+    assert weight.shape == (32,)
+    assert {n.target for n in program.readers("transformer.h.0.ln_1.weight")} == {torch.ops.aten.layer_norm.default}
+
+
+def test_vit_from_config():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=5)
+    model = ViTForImageClassification(cfg).eval()
+    from conftest import randomize_norms
+
+    randomize_norms(model)
+    pixels = torch.randn(2, 3, 16, 16)
+    res = effcc.optimize(model.double(), (pixels.double(),), passes=["fold_norm_affine"])
+    # Pre-LN blocks: layernorm_before → q/k/v, layernorm_after → intermediate; final norm → classifier.
+    assert len(res.passes[0].changed) == 2 * 2 + 1, res.report
+    assert res.passes[0].comparison.max_rel < 1e-10
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(y)))
+
+
+class SmallResNet(nn.Module):
+    """A torchvision-style ResNet: stem, two basic blocks, pooling, classifier."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(BasicBlock(16), BasicBlock(16))
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+def test_cnn_capture_in_eval_mode_and_default_passes():
+    torch.manual_seed(0)
+    model = SmallResNet()
+    for m in model.modules():  # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    images = torch.randn(2, 3, 8, 8)
+    res = effcc.optimize(model, (images,))
+    assert res.report.capture.max_rel < 1e-9
+    assert all(not p.changed for p in res.passes)  # nothing to fold: no LayerNorm/RMSNorm
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(images), model.eval()(images))

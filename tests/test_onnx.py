@@ -1,0 +1,41 @@
+"""ONNX export of rewritten models, run in ONNX Runtime."""
+
+import pytest
+import torch
+from conftest import build, token_ids
+
+import effcc
+
+
+def test_rewritten_gpt2_runs_in_onnxruntime(tmp_path):
+    model = build("gpt2")
+    ids = token_ids()
+    res = effcc.optimize(model, (ids,), passes=["fold_norm_affine"])
+    assert res.passes[0].changed
+    path = effcc.export_onnx(res, tmp_path / "gpt2.onnx")
+    assert path.exists()
+    assert effcc.check_onnx(path, model, (ids,)).max_rel < 1e-4
+    # Exported with symbolic batch and sequence: other shapes run too.
+    assert effcc.check_onnx(path, model, (token_ids(batch=3, tokens=11, seed=5),)).max_rel < 1e-4
+
+
+def test_check_onnx_fails_for_a_different_model(tmp_path):
+    ids = token_ids()
+    path = effcc.export_onnx(effcc.optimize(build("gpt2", seed=0), (ids,)), tmp_path / "a.onnx")
+    with pytest.raises(effcc.VerificationError, match="differ from PyTorch"):
+        effcc.check_onnx(path, build("gpt2", seed=1), (ids,))
+
+
+def test_llama_export(tmp_path):
+    model = build("llama")
+    ids = token_ids()
+    path = effcc.export_onnx(effcc.optimize(model, (ids,)), tmp_path / "llama.onnx")
+    assert effcc.check_onnx(path, model, (ids,)).max_rel < 1e-4
+
+
+def test_plain_model_export_needs_inputs(tmp_path):
+    model = build("gpt2")
+    with pytest.raises(TypeError, match="example_inputs"):
+        effcc.export_onnx(model, tmp_path / "x.onnx")
+    path = effcc.export_onnx(model, tmp_path / "plain.onnx", (token_ids(),))
+    assert effcc.check_onnx(path, model, (token_ids(),)).max_rel < 1e-4

@@ -1,0 +1,118 @@
+"""The pass contract and pipeline: choosing passes, errors, verification that can fail."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import build, token_ids
+
+import effcc
+from effcc.passes import REGISTRY, Guarantee, Pass, SiteLog, register_pass
+
+
+def test_caller_model_and_parameters_are_unchanged():
+    model = build("gpt2").train()  # train mode too: capture must not leave it in eval
+    before = {name: p.detach().clone() for name, p in model.state_dict(keep_vars=True).items()}
+    identities = {name: id(p) for name, p in model.state_dict(keep_vars=True).items()}
+    res = effcc.optimize(model, (token_ids(),), passes=["fold_norm_affine"])
+    assert res.passes[0].changed
+    after = model.state_dict(keep_vars=True)
+    assert {name: id(p) for name, p in after.items()} == identities
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert model.training and all(m.training for m in model.modules())
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+
+
+def test_result_calls_like_the_original_and_reports():
+    model = build("llama")
+    ids = token_ids()
+    res = effcc.optimize(model, (ids,), passes=["fold_norm_affine"])
+    with torch.no_grad():
+        out, want = res(ids), model(ids)
+    assert type(out) is type(want)  # same output structure (a ModelOutput)
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-4, atol=1e-5)
+    text = str(res.report)
+    assert "fold_norm_affine" in text and "exact" in text and "model.layers.0.input_layernorm" in text
+    assert effcc.verify(model, res, (ids,)).max_rel < 1e-5
+
+
+def test_default_passes_are_the_exact_ones_marked_default():
+    res = effcc.optimize(build("gpt2"), (token_ids(),))
+    assert [p.name for p in res.passes] == [n for n, cls in REGISTRY.items() if cls.default]
+    assert all(p.guarantee is Guarantee.EXACT for p in res.passes)
+
+
+def test_no_passes_still_captures_and_verifies():
+    res = effcc.optimize(build("opt"), (token_ids(),), passes=[])
+    assert res.passes == [] and res.report.capture.max_rel < 1e-9
+
+
+def test_unknown_pass_and_option_and_repeats_are_clear_errors():
+    model, ids = build("gpt2"), token_ids()
+    with pytest.raises(effcc.UnknownPassError, match="unknown pass 'fold_norms'.*fold_norm_affine"):
+        effcc.optimize(model, (ids,), passes=["fold_norms"])
+    with pytest.raises(effcc.UnknownPassError, match="has no option 'alpha'"):
+        effcc.optimize(model, (ids,), passes=[("fold_norm_affine", {"alpha": 0.5})])
+    with pytest.raises(effcc.EffccError, match="more than once"):
+        effcc.optimize(model, (ids,), passes=["fold_norm_affine", "fold_norm_affine"])
+    with pytest.raises(effcc.EffccError, match="'name' or \\('name'"):
+        effcc.optimize(model, (ids,), passes=[42])
+
+
+def test_capture_errors_name_the_model_and_the_fix():
+    with pytest.raises(effcc.CaptureError, match="expected a torch.nn.Module"):
+        effcc.optimize(lambda x: x, (torch.ones(1),))
+    with pytest.raises(effcc.CaptureError, match="must be a tuple"):
+        effcc.optimize(build("gpt2"), token_ids())
+    with pytest.raises(effcc.CaptureError, match="does not take these example inputs"):
+        effcc.optimize(build("gpt2"), (token_ids(), token_ids(), token_ids(), token_ids(), token_ids(), 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17))
+    with pytest.raises(effcc.CaptureError, match="could not capture GPT2LMHeadModel"):
+        effcc.optimize(build("gpt2"), (token_ids().float(),))  # float ids: embedding refuses
+
+
+class DataDependent(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x - 1
+
+
+def test_model_that_cannot_be_captured():
+    with pytest.raises(effcc.CaptureError, match="could not capture DataDependent"):
+        effcc.optimize(DataDependent(), (torch.ones(3),))
+
+
+@dataclass
+class _ScaleAWeight(Pass):
+    """A wrong 'exact' pass: the pipeline must catch it."""
+
+    name = "test_wrong_pass"
+    summary = "doubles the first linear weight (deliberately wrong)"
+    guarantee = Guarantee.EXACT
+
+    def apply(self, program, log: SiteLog) -> None:
+        for node in program.graph.find_nodes(op="get_attr"):
+            if node.target.endswith("c_fc.weight"):
+                program.set_tensor(node.target, program.tensor(node.target) * 2)
+                log.change(node.target, "doubled")
+                return
+
+
+@pytest.fixture
+def wrong_pass():
+    register_pass(_ScaleAWeight)
+    yield
+    del REGISTRY[_ScaleAWeight.name]
+
+
+def test_verification_fails_loudly_naming_the_pass(wrong_pass):
+    with pytest.raises(effcc.VerificationError, match="pass 'test_wrong_pass' changed what GPT2LMHeadModel computes"):
+        effcc.optimize(build("gpt2"), (token_ids(),), passes=["test_wrong_pass"])
+    res = effcc.optimize(build("gpt2"), (token_ids(),), passes=["test_wrong_pass"], verify=False)
+    assert res.passes[0].comparison is None and "not verified" in str(res.report)
+
+
+def test_verify_reports_float64_error_between_models():
+    a, b = build("gpt2", seed=0), build("gpt2", seed=1)
+    ids = token_ids()
+    assert effcc.verify(a, a, (ids,)).max_rel == 0
+    assert effcc.verify(a, b, (ids,)).max_rel > 1e-2
