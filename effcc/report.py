@@ -39,15 +39,16 @@ class Report:
         return sum(len(p.skipped) for p in self.passes)
 
     def __rich__(self):
-        table = Table(title=f"effcc: {self.model}", title_justify="left", expand=False)
-        for column in ("pass", "guarantee", "changed", "skipped", "f64 rel err", "tolerance", "time"):
+        seconds = sum(p.seconds for p in self.passes)
+        table = Table(title=f"effcc: {self.model} ({seconds:.1f}s in passes)", title_justify="left", expand=False)
+        for column in ("pass", "guarantee", "changed", "skipped", "err (f64)", "tol"):
             table.add_column(column, justify="left" if column in ("pass", "guarantee") else "right", no_wrap=True)
         if self.capture is not None:
-            table.add_row("(capture)", "", "", "", f"{self.capture.max_rel:.1e}", "", "")
+            table.add_row("(capture)", "", "", "", f"{self.capture.max_rel:.1e}", "")
         for p in self.passes:
-            err = f"{p.comparison.max_rel:.1e}" if p.comparison else "not verified"
+            err = f"{p.comparison.max_rel:.1e}" if p.comparison else "unverified"
             tol = f"{p.rtol:.0e}" if p.rtol is not None else ""
-            table.add_row(p.name, str(p.guarantee), str(len(p.changed)), str(len(p.skipped)), err, tol, f"{p.seconds:.2f}s")
+            table.add_row(p.name, str(p.guarantee), str(len(p.changed)), str(len(p.skipped)), err, tol)
         parts = [table]
         for p in self.passes:
             for site in p.changed:

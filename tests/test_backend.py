@@ -1,0 +1,89 @@
+"""torch.compile(model, backend="effcc") on CPU, against eager."""
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import build, token_ids
+
+import effcc
+
+# Inductor on CPU vs eager, float32: kernel order differs, nothing else.
+COMPILE_ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
+def test_compile_equals_eager_and_applies_the_default_passes(arch, caplog):
+    model = build(arch)
+    compiled = torch.compile(model, backend="effcc")
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="effcc"):
+        for batch, tokens in ((2, 8), (3, 5), (4, 7)):  # the third call runs a dynamic-shape graph
+            ids = token_ids(batch, tokens, seed=batch)
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=0, atol=COMPILE_ATOL)
+    applied = [r.getMessage() for r in caplog.records if "applied fold_norm_affine" in r.getMessage()]
+    assert applied and all("5 changed" in m for m in applied), applied
+
+
+def test_explicit_passes_option_and_empty_list(caplog):
+    model = build("gpt2")
+    ids = token_ids()
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="effcc"):
+        out = torch.compile(model, backend="effcc", options={"passes": ["fold_norm_affine"]})(ids)
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=0, atol=COMPILE_ATOL)
+        assert any("applied fold_norm_affine" in r.getMessage() for r in caplog.records)
+        torch._dynamo.reset()
+        caplog.clear()
+        out = torch.compile(model, backend="effcc", options={"passes": []})(ids)
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=0, atol=COMPILE_ATOL)
+        assert not any("applied" in r.getMessage() for r in caplog.records)
+
+
+def test_training_graph_falls_back_to_inductor_with_one_line(caplog):
+    model = build("gpt2")
+    ids = token_ids()
+    with caplog.at_level(logging.WARNING, logger="effcc"):
+        out = torch.compile(model, backend="effcc")(ids)
+    torch.testing.assert_close(out.logits, model(ids).logits, rtol=0, atol=COMPILE_ATOL)
+    out.logits.sum().backward()  # still trains
+    assert model.transformer.h[0].attn.c_attn.weight.grad is not None
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "grad enabled" in warning and "fold_norm_affine" in warning
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(Exception, match="unknown torch.compile option.*speed"):
+        torch.compile(build("gpt2"), backend="effcc", options={"speed": 11})(token_ids())
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown pass 'nope'"):
+        torch.compile(build("gpt2"), backend="effcc", options={"passes": ["nope"]})(token_ids())
+
+
+def test_backend_is_found_without_importing_effcc():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).eval()
+        with torch.no_grad():
+            torch.nn.init.uniform_(model[0].weight, 0.5, 1.5); torch.nn.init.uniform_(model[0].bias, -1, 1)
+        x = torch.randn(3, 8)
+        assert "effcc" not in sys.modules
+        with torch.no_grad():
+            out = torch.compile(model, backend="effcc")(x)
+        assert "effcc" in sys.modules
+        torch.testing.assert_close(out, model(x), rtol=0, atol=1e-5)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+    assert "effcc" in effcc.__name__

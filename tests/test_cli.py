@@ -1,0 +1,62 @@
+"""The `effcc` command line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from effcc.cli import main, parse_pass
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for expected in ("effcc demo", "effcc passes", "effcc optimize", "pkg.module:", "float64"):
+        assert expected in text
+
+
+def test_passes_lists_one_line_each(capsys):
+    assert main(["passes"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("fold_norm_affine") and "[exact]" in line for line in lines)
+
+
+def test_optimize_a_factory_and_export(tmp_path, capsys):
+    out = tmp_path / "tiny.onnx"
+    assert main(["optimize", "effcc.models:tiny_gpt", "--passes", "fold_norm_affine", "--export", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo the console's line wrapping
+    assert out.exists()
+    assert "fold_norm_affine" in text and "ONNX Runtime vs original" in text
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["optimize", "effcc.models"], "pkg.module:function"),
+        (["optimize", "no_such_module:f"], "cannot import 'no_such_module'"),
+        (["optimize", "effcc.models:missing"], "has no function 'missing'"),
+        (["optimize", "effcc.models:TinyGPT"], "must return (model, example_inputs)"),
+        (["optimize", "effcc.models:tiny_gpt", "--passes", "nope"], "unknown pass 'nope'"),
+        (["optimize", "effcc.models:tiny_gpt", "--passes", "fold_norm_affine:x"], "should be key=value"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_pass_options_parse_as_literals():
+    assert parse_pass("fold_norm_affine") == "fold_norm_affine"
+    assert parse_pass("smoothquant:alpha=0.5:mode=auto") == ("smoothquant", {"alpha": 0.5, "mode": "auto"})
+
+
+def test_console_script_demo_runs(tmp_path):
+    done = subprocess.run(["effcc", "demo", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "tiny_gpt.onnx").exists()
+    text = " ".join(done.stdout.split())
+    assert "ONNX Runtime vs original" in text and "fold_norm_affine" in text
+    assert "Traceback" not in done.stderr and sys.executable
