@@ -46,6 +46,14 @@ def main() -> None:
 
     from triton.testing import do_bench
 
+    import logging
+
+    effcc_log: list[str] = []  # what the backend says it did, kept in the JSON
+    handler = logging.Handler()
+    handler.emit = lambda record: effcc_log.append(record.getMessage())
+    logging.getLogger("effcc").addHandler(handler)
+    logging.getLogger("effcc").setLevel(logging.INFO)
+
     dtype = getattr(torch, args.dtype)
     model = build(args, dtype)
     ids = torch.randint(0, 50257, (args.batch, args.tokens), device="cuda")
@@ -73,11 +81,13 @@ def main() -> None:
         "python": platform.python_version(),
         "shape": vars(args) | {"out": None, "dtype": args.dtype},
         "results": rows,
+        "effcc_log": effcc_log,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"device: {result['device']}, torch {result['torch']}, GPT-2 shape {args.layers}x{args.width}, {args.batch}x{args.tokens} tokens, {args.dtype}")
     print(f"{'':10}{'forward ms':>12}{'vs eager':>10}{'vs inductor':>13}{'rel err':>10}{'1st call s':>12}")
+    print("\n".join(effcc_log))
     for name, row in rows.items():
         print(f"{name:10}{row['forward_ms']:12.3f}{row['speedup_vs_eager']:10.3f}{row['speedup_vs_inductor']:13.3f}{row['max_rel_err_vs_eager']:10.1e}{row['first_call_s']:12.1f}")
 

@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from .errors import EffccError, VerificationError
+from .errors import CaptureError, EffccError, VerificationError
 from .passes import Pass, SiteLog
 from .program import Program
 from .report import PassResult, Report
@@ -43,8 +43,10 @@ def run_passes(model: nn.Module, program: Program, passes: list[Pass], *, verify
     if verify:
         # Each pass is measured against the captured graph in float64, so its figure is the
         # rewrite's own error; the capture itself is checked against the eager model here.
-        reference = run_float64(program.gm, program.example_args, program.example_kwargs)
-        report.capture = compare(reference, reference_outputs(model, program.example_args, program.example_kwargs))
+        name = type(model).__name__
+        reference = _run(f"could not run the captured graph of {name} in float64", run_float64, program.gm, program)
+        eager = _run(f"could not run {name} on the example inputs in float64", reference_outputs, model, program)
+        report.capture = compare(reference, eager)
         if not report.capture.within(CAPTURE_RTOL):
             raise VerificationError(
                 f"the captured graph of {type(model).__name__} does not reproduce the model ({report.capture}); "
@@ -66,6 +68,14 @@ def run_passes(model: nn.Module, program: Program, passes: list[Pass], *, verify
                 f"{p.name!r} and report it with the model."
             )
     return report
+
+
+def _run(what: str, run, module, program: Program):
+    try:
+        return run(module, program.example_args, program.example_kwargs)
+    except Exception as error:  # noqa: BLE001 - the model's own failure, reported in one line
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CaptureError(f"{what}: {type(error).__name__}: {first[:300]}. Are the example inputs what the model takes?") from error
 
 
 def _check(program: Program, reference) -> Comparison:

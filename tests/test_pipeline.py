@@ -67,8 +67,9 @@ def test_capture_errors_name_the_model_and_the_fix():
         effcc.optimize(build("gpt2"), token_ids())
     with pytest.raises(effcc.CaptureError, match="does not take these example inputs"):
         effcc.optimize(build("gpt2"), (token_ids(), token_ids(), token_ids(), token_ids(), token_ids(), 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17))
-    with pytest.raises(effcc.CaptureError, match="could not capture GPT2LMHeadModel"):
-        effcc.optimize(build("gpt2"), (token_ids().float(),))  # float ids: embedding refuses
+    # Float ids: the embedding refuses them, at capture (torch 2.13) or when run (torch 2.11).
+    with pytest.raises(effcc.CaptureError, match="could not (capture|run) GPT2LMHeadModel|could not run the captured graph of GPT2LMHeadModel"):
+        effcc.optimize(build("gpt2"), (token_ids().float(),))
 
 
 class DataDependent(torch.nn.Module):
