@@ -83,12 +83,12 @@ def _parameter_placeholders(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
 
 
 def _dotted_name(node: fx.Node) -> str:
-    """L['self']._modules['h']._modules['0']._parameters['weight'] → h_0_weight (a valid attribute)."""
+    """L['self']._modules['h']._modules['0']._parameters['weight'] → h.0.weight, the model's own name."""
     source = node.meta["grapharg"].source.name
     source = source() if callable(source) else source
     parts = re.findall(r"\['([^']+)'\]|\.(\w+)", source.split("L['self']", 1)[-1])
-    words = [a or b for a, b in parts if (a or b) not in ("_modules", "_parameters", "_buffers")]
-    return re.sub(r"\W", "_", "_".join(words)) or node.name
+    words = [re.sub(r"\W", "_", a or b) for a, b in parts if (a or b) not in ("_modules", "_parameters", "_buffers")]
+    return ".".join(words) or node.name
 
 
 def program_from_dynamo_graph(gm: fx.GraphModule, example_inputs, constants: dict[fx.Node, torch.Tensor]):
@@ -99,7 +99,9 @@ def program_from_dynamo_graph(gm: fx.GraphModule, example_inputs, constants: dic
     of the inputs it still takes."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     tensors = [i for i, node in enumerate(placeholders) if node not in constants and isinstance(example_inputs[i], torch.Tensor)]
-    holder = fx.GraphModule(gm, fx.Graph())  # same submodules, a graph of our own below
+    # What the new module holds: the graph's own attributes (subgraphs of higher-order ops),
+    # then every weight under the model's dotted name.
+    attrs = {n.target: _fetch(gm, n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     graph = fx.Graph()
     env = {}
     for i, node in enumerate(placeholders):  # tensor inputs first, in order
@@ -109,16 +111,14 @@ def program_from_dynamo_graph(gm: fx.GraphModule, example_inputs, constants: dic
         if node in env:
             continue
         if node in constants:
-            name = _unique(holder, _dotted_name(node))
-            value = constants[node].detach()
-            holder.register_buffer(name, value) if not isinstance(value, nn.Parameter) else holder.register_parameter(name, value)
+            name = _unique(attrs, _dotted_name(node))
+            attrs[name] = constants[node].detach()
             env[node] = graph.get_attr(name)
         elif node.op == "placeholder":
             env[node] = _size_of_an_input(graph, example_inputs[placeholders.index(node)], [(env[placeholders[i]], _traced(placeholders[i], example_inputs[i])) for i in tensors])
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
-    holder.graph = graph
-    holder.recompile()
+    holder = fx.GraphModule(attrs, graph)  # builds the submodule tree the dotted names need
     args = tuple(_real_like(example_inputs[i]) for i in tensors)
     dynamic = tuple(_dynamic_dims(_traced(placeholders[i], example_inputs[i])) for i in tensors)
     try:
@@ -149,9 +149,15 @@ def _size_of_an_input(graph: fx.Graph, size, inputs) -> fx.Node:
     raise _Unsupported(f"graph takes an input ({size!r}) that is not a tensor nor the size of one")
 
 
-def _unique(module: nn.Module, name: str) -> str:
+def _fetch(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _unique(taken: dict, name: str) -> str:
     candidate, i = name, 1
-    while hasattr(module, candidate):
+    while candidate in taken or any(key.startswith(candidate + ".") or candidate.startswith(key + ".") for key in taken):
         candidate, i = f"{name}_{i}", i + 1
     return candidate
 
