@@ -49,19 +49,21 @@ def automatic_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
 def detach_from_caller(gm: torch.fx.GraphModule) -> None:
     """Give the graph its own copies of every tensor, so no rewrite can reach the caller's model.
 
-    Tensors that shared storage (tied embeddings) still share it after the copy."""
+    Tensors that shared storage (tied embeddings) still share it after the copy, and tied
+    parameters stay one Parameter object, so an optimizer updates them once, as before."""
     copies: dict[tuple, torch.Tensor] = {}
 
     def own(t: torch.Tensor) -> torch.Tensor:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, type(t))
         if key not in copies:
-            copies[key] = t.detach().clone()
+            clone = t.detach().clone()
+            copies[key] = nn.Parameter(clone, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else clone
         return copies[key]
 
     for module in gm.modules():
         for name, p in list(module._parameters.items()):
             if p is not None:
-                module._parameters[name] = nn.Parameter(own(p), requires_grad=p.requires_grad)
+                module._parameters[name] = own(p)
         for name, b in list(module._buffers.items()):
             if b is not None:
                 module._buffers[name] = own(b)

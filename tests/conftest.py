@@ -89,7 +89,22 @@ def _neox():
     )
 
 
-HF_MODELS = {"gpt2": _gpt2, "opt": _opt, "llama": _llama, "bert": _bert, "gemma": _gemma, "gpt_neox": _neox, "opt_post_ln": _opt_post_ln}
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomForCausalLM(BloomConfig(n_layer=2, hidden_size=32, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, use_cache=False))
+
+
+def _phi():
+    from transformers import PhiConfig, PhiForCausalLM
+
+    return PhiForCausalLM(
+        PhiConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=VOCAB,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0, use_cache=False)
+    )
+
+
+HF_MODELS = {"bloom": _bloom, "phi": _phi, "gpt2": _gpt2, "opt": _opt, "llama": _llama, "bert": _bert, "gemma": _gemma, "gpt_neox": _neox, "opt_post_ln": _opt_post_ln}
 
 
 def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
