@@ -27,7 +27,7 @@ from .program import Program
 # application (or pytest's caplog) that configures logging sees them as usual.
 log = logging.getLogger("effcc")
 
-KNOWN_OPTIONS = {"passes"}
+KNOWN_OPTIONS = {"passes", "kernels"}
 
 
 def effcc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
@@ -55,6 +55,10 @@ def effcc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         log.warning("effcc: %s; compiled by Inductor without effcc passes", why)
         return compile_fx(gm, example_inputs)
     summary = apply_passes(program, passes)
+    if options.get("kernels", True) and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        from .backends.triton.lowering import lower_rms_norms
+
+        summary += f"; {lower_rms_norms(program.gm)} norm(s) on effcc Triton kernels"
     log.info("effcc: applied %s", summary)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     compiled = compile_fx(inductor_ready(program.gm), [_traced(placeholders[i], example_inputs[i]) for i in user_inputs])

@@ -39,3 +39,15 @@ def test_plain_model_export_needs_inputs(tmp_path):
         effcc.export_onnx(model, tmp_path / "x.onnx")
     path = effcc.export_onnx(model, tmp_path / "plain.onnx", (token_ids(),))
     assert effcc.check_onnx(path, model, (token_ids(),)).max_rel < 1e-4
+
+
+def test_pre_rmsnorm_exports_real_rms_norm_nodes(tmp_path):
+    import onnx
+
+    model = build("gpt2")
+    ids = token_ids()
+    res = effcc.optimize(model, (ids,), passes=["fold_norm_affine", "ln_to_rmsnorm"])
+    path = effcc.export_onnx(res, tmp_path / "gpt2_rms.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("RMSNormalization") == 5 and "LayerNormalization" not in ops
+    assert effcc.check_onnx(path, model, (ids,)).max_rel < 1e-4

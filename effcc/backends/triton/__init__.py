@@ -1,0 +1,1 @@
+"""Generated Triton kernels behind effcc's custom ops.  Each has a PyTorch reference in effcc.ops."""
