@@ -42,15 +42,20 @@ def effcc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         return compile_fx(gm, example_inputs)
 
     constants = _parameter_placeholders(gm)
-    if any(p.rewrites_tensors for p in passes) and torch.is_grad_enabled() and any(t.requires_grad for t in constants.values()):
-        log.warning(
-            "effcc: this graph runs with grad enabled and trainable weights; %s rewrite weights, which must be constant, "
-            "so nothing was rewritten (compiled by Inductor unchanged). For inference call the model under torch.no_grad().",
-            ", ".join(p.name for p in passes),
-        )
-        return compile_fx(gm, example_inputs)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in constants.values())
+    if training:  # weights are trained: only passes that keep them as the parameters can run
+        variants = {p.name: p.for_training() for p in passes}
+        dropped = [name for name, variant in variants.items() if variant is None]
+        if dropped:  # a warning when the user named them, a note when they came as defaults
+            (log.warning if options.get("passes") is not None else log.info)(
+                "effcc: this graph trains its weights (grad enabled); %s rewrite weights as constants and were not applied. "
+                "For inference call the model under torch.no_grad().", ", ".join(dropped),
+            )
+        passes = [v for v in variants.values() if v is not None]
+        if not passes:
+            return compile_fx(gm, example_inputs)
     try:
-        program, user_inputs = program_from_dynamo_graph(gm, example_inputs, constants)
+        program, user_inputs = program_from_dynamo_graph(gm, example_inputs, constants, keep_parameters=training)
     except _Unsupported as why:
         log.warning("effcc: %s; compiled by Inductor without effcc passes", why)
         return compile_fx(gm, example_inputs)
@@ -95,8 +100,11 @@ def _dotted_name(node: fx.Node) -> str:
     return ".".join(words) or node.name
 
 
-def program_from_dynamo_graph(gm: fx.GraphModule, example_inputs, constants: dict[fx.Node, torch.Tensor]):
+def program_from_dynamo_graph(gm: fx.GraphModule, example_inputs, constants: dict[fx.Node, torch.Tensor], *, keep_parameters: bool = False):
     """Turn parameter placeholders into stored tensors and capture the graph at ATen level.
+
+    With keep_parameters the program reads the model's own Parameter objects (training:
+    gradients must reach them); otherwise it gets copies it may rewrite.
 
     Sizes Dynamo passes as inputs (dynamic shapes) are recomputed from the tensor they
     measure, so the program takes tensors only.  Returns the Program and the positions
@@ -116,7 +124,7 @@ def program_from_dynamo_graph(gm: fx.GraphModule, example_inputs, constants: dic
             continue
         if node in constants:
             name = _unique(attrs, _dotted_name(node))
-            attrs[name] = constants[node].detach()
+            attrs[name] = constants[node] if keep_parameters else constants[node].detach()
             env[node] = graph.get_attr(name)
         elif node.op == "placeholder":
             env[node] = _size_of_an_input(graph, example_inputs[placeholders.index(node)], [(env[placeholders[i]], _traced(placeholders[i], example_inputs[i])) for i in tensors])
@@ -133,7 +141,8 @@ def program_from_dynamo_graph(gm: fx.GraphModule, example_inputs, constants: dic
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise _Unsupported(f"graph could not be captured at ATen level ({type(error).__name__}: {first[:200]})") from error
     program_gm = ep.module()
-    detach_from_caller(program_gm)
+    if not keep_parameters:
+        detach_from_caller(program_gm)
     return Program(program_gm, args), tensors
 
 

@@ -48,16 +48,37 @@ def test_explicit_passes_option_and_empty_list(caplog):
         assert not any("applied" in r.getMessage() for r in caplog.records)
 
 
-def test_training_graph_falls_back_to_inductor_with_one_line(caplog):
+def test_weight_baking_pass_is_not_applied_to_a_training_graph_and_says_so(caplog):
     model = build("gpt2")
     ids = token_ids()
     with caplog.at_level(logging.WARNING, logger="effcc"):
-        out = torch.compile(model, backend="effcc")(ids)
+        out = torch.compile(model, backend="effcc", options={"passes": ["fold_norm_affine"]})(ids)
     torch.testing.assert_close(out.logits, model(ids).logits, rtol=0, atol=COMPILE_ATOL)
     out.logits.sum().backward()  # still trains
     assert model.transformer.h[0].attn.c_attn.weight.grad is not None
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert "grad enabled" in warning and "fold_norm_affine" in warning
+
+
+def test_training_graph_runs_pre_rmsnorm_with_the_original_parameters(caplog):
+    """Under grad the default pipeline keeps ln_to_rmsnorm (trainable form): same loss, same gradients."""
+    eager, compiled_model = build("gpt2"), build("gpt2")
+    ids = token_ids(4, 12)
+
+    def loss_and_grads(module, model):
+        logits = module(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+    with caplog.at_level(logging.INFO, logger="effcc"):
+        loss_c, grads_c = loss_and_grads(torch.compile(compiled_model, backend="effcc"), compiled_model)
+    loss_e, grads_e = loss_and_grads(eager, eager)
+    assert any("applied ln_to_rmsnorm: 1 changed" in r.getMessage() for r in caplog.records)
+    assert abs(loss_c - loss_e) <= 1e-5 * abs(loss_e)
+    for name, g in grads_e.items():
+        assert grads_c[name] is not None, name
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item() + 1e-8)
 
 
 def test_bad_options_are_clear_errors():

@@ -64,6 +64,12 @@ class Pass:
         """The largest float64 relative error the pipeline accepts from this pass."""
         return EXACT_RTOL.get(dtype, 1e-4)
 
+    def for_training(self) -> "Pass | None":
+        """The form of this pass for a model whose weights are being trained, or None if it has none.
+
+        A pass that bakes new weight values cannot apply while an optimizer updates the old ones."""
+        return None if self.rewrites_tensors else self
+
     @classmethod
     def options(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]

@@ -18,6 +18,7 @@ any optimizer: this is what makes the conversion exact in training, not only at 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,9 @@ class LayerNormToRMSNorm(Pass):
     guarantee = Guarantee.EXACT
     default = True
     trainable: bool = False  # keep the original weights as parameters, re-centred in the graph
+
+    def for_training(self) -> Pass:
+        return dataclasses.replace(self, trainable=True)
 
     def apply(self, program: Program, log: SiteLog) -> None:
         converted: set[fx.Node] = set()
