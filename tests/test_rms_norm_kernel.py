@@ -66,8 +66,8 @@ def test_reference_is_rms_norm_in_float64():
 
 
 def test_lowering_fuses_residual_adds_and_keeps_outputs():
-    model = build("gpt2")
-    ids = token_ids()
+    model = build("gpt2").to(DEVICE)
+    ids = token_ids().to(DEVICE)
     res = effcc.optimize(model, (ids,), passes=["ln_to_rmsnorm"])
     gm = res.model
     lowered = lower_rms_norms(gm, device_types=(DEVICE,))
