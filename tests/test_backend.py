@@ -61,7 +61,7 @@ def test_weight_baking_pass_is_not_applied_to_a_training_graph_and_says_so(caplo
 
 
 def test_training_graph_runs_pre_rmsnorm_with_the_original_parameters(caplog):
-    """Under grad the default pipeline keeps ln_to_rmsnorm (trainable form): same loss, same gradients."""
+    """Asked for under grad, ln_to_rmsnorm runs in its trainable form: same loss, same gradients."""
     eager, compiled_model = build("gpt2"), build("gpt2")
     ids = token_ids(4, 12)
 
@@ -72,13 +72,25 @@ def test_training_graph_runs_pre_rmsnorm_with_the_original_parameters(caplog):
         return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
     with caplog.at_level(logging.INFO, logger="effcc"):
-        loss_c, grads_c = loss_and_grads(torch.compile(compiled_model, backend="effcc"), compiled_model)
+        compiled = torch.compile(compiled_model, backend="effcc", options={"passes": ["fold_norm_affine", "ln_to_rmsnorm"]})
+        loss_c, grads_c = loss_and_grads(compiled, compiled_model)
     loss_e, grads_e = loss_and_grads(eager, eager)
     assert any("applied ln_to_rmsnorm: 1 changed" in r.getMessage() for r in caplog.records)
     assert abs(loss_c - loss_e) <= 1e-5 * abs(loss_e)
     for name, g in grads_e.items():
         assert grads_c[name] is not None, name
         torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item() + 1e-8)
+
+
+def test_default_pipeline_leaves_training_graphs_to_inductor(caplog):
+    model = build("gpt2")
+    with caplog.at_level(logging.INFO, logger="effcc"):
+        out = torch.compile(model, backend="effcc")(token_ids())
+    out.logits.sum().backward()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("training graph" in m and "compiled by Inductor" in m for m in messages)
+    assert not any("applied" in m for m in messages)
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records)
 
 
 def test_bad_options_are_clear_errors():
