@@ -18,7 +18,7 @@ import re
 import torch
 from torch import fx, nn
 
-from .capture import detach_from_caller
+from .capture import detach_from_caller, export
 from .errors import EffccError
 from .passes import Pass, SiteLog, default_passes, make_pass
 from .program import Program
@@ -139,16 +139,14 @@ def program_from_dynamo_graph(gm: fx.GraphModule, example_inputs, constants: dic
     args = tuple(_real_like(example_inputs[i]) for i in tensors)
     dynamic = tuple(_dynamic_dims(_traced(placeholders[i], example_inputs[i])) for i in tensors)
     try:
-        # Outside Dynamo's tracing context: export must not add its symbols to Dynamo's shape env.
-        with torch._guards.tracing(None):
-            ep = torch.export.export(holder, args, dynamic_shapes=dynamic if any(dynamic) else None, strict=False)
+        ep = export(holder, args, dynamic_shapes=dynamic if any(dynamic) else None)
     except Exception as error:  # noqa: BLE001
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise _Unsupported(f"graph could not be captured at ATen level ({type(error).__name__}: {first[:200]})") from error
     program_gm = ep.module()
     if not keep_parameters:
         detach_from_caller(program_gm)
-    return Program(program_gm, args), tensors
+    return Program(program_gm, args, {}, dynamic if any(dynamic) else None), tensors
 
 
 def _traced(node: fx.Node, example):

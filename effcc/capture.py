@@ -72,9 +72,13 @@ def detach_from_caller(gm: torch.fx.GraphModule) -> None:
                 setattr(module, name, own(value))
 
 
-def _export(model, args, kwargs, dynamic_shapes):
-    with eval_mode(model):
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+def export(module: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes=None):
+    """torch.export (non-strict) in eval mode and outside any Dynamo tracing context.
+
+    Inside effcc's torch.compile backend, an export must not add its symbols and guards to
+    the shape environment of the Dynamo frame being compiled."""
+    with eval_mode(module), torch._guards.tracing(None):
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic: bool = True) -> Program:
@@ -102,12 +106,12 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, *, dynami
             f"{type(model).__name__}.forward{inspect.signature(model.forward)} does not take these example inputs: {error}"
         ) from None
     try:
-        ep = _export(model, args, kwargs, spec)
+        ep = export(model, args, kwargs, spec)
     except Exception as dynamic_failure:  # noqa: BLE001 - retried with static shapes below
         if spec is None:
             raise _capture_error(model, dynamic_failure) from dynamic_failure
         try:
-            ep = _export(model, args, kwargs, None)
+            ep = export(model, args, kwargs, None)
         except Exception as static_failure:  # noqa: BLE001
             raise _capture_error(model, static_failure) from static_failure
         spec = None

@@ -85,6 +85,16 @@ class Program:
         consumer.replace_input_with(attr, copy)
         return copy.target
 
+    def retrace(self) -> None:
+        """Capture the (rewritten) graph again, so every node's recorded shape is current.
+
+        Passes that change widths (Pre-CRMSNorm) leave stale shapes behind; this refreshes them.
+        The tensors are the same objects: nothing is copied."""
+        from .capture import export
+
+        self.recompile()
+        self.gm = export(self.gm, self.example_args, self.example_kwargs, self.dynamic_shapes).module()
+
     def recompile(self) -> None:
         # call_module nodes (export's input guards) have no users but must stay.
         self.graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "call_module" or n.is_impure())

@@ -120,3 +120,13 @@ def test_backend_is_found_without_importing_effcc():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
     assert "effcc" in effcc.__name__
+
+
+def test_crmsnorm_through_torch_compile_with_dynamic_shapes(caplog):
+    model = build("gpt2")
+    compiled = torch.compile(model, backend="effcc", options={"passes": ["ln_to_crmsnorm"]})
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="effcc"):
+        for batch, tokens in ((2, 8), (3, 5), (4, 7)):
+            ids = token_ids(batch, tokens, seed=batch)
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=0, atol=COMPILE_ATOL)
+    assert any("applied ln_to_crmsnorm: 1 changed" in r.getMessage() for r in caplog.records)

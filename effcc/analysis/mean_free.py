@@ -39,6 +39,15 @@ class NormTable:
     embedding: fx.Node
 
 
+@dataclass(frozen=True)
+class Through:
+    """`node` carries the mean-free value, its feature axis at `axis` (negative): a node whose
+    shape arguments change if the features are compressed (Pre-CRMSNorm)."""
+
+    node: fx.Node
+    axis: int
+
+
 class NotMeanFree(Exception):
     def __init__(self, node: fx.Node, reason: str):
         super().__init__(f"{describe(node)}: {reason}")
@@ -80,6 +89,7 @@ def _plan(node, dim: int, reader: fx.Node, allowed: set[fx.Node], plan: list) ->
     if node.op != "call_function":
         raise NotMeanFree(node, f"{node.op} writes into the stream")
     target, args = node.target, node.args
+    plan.append(Through(node, dim))
 
     if is_transparent(node):
         return _plan(args[0], dim, node, allowed, plan)

@@ -99,12 +99,16 @@ def plan_stream(stream: ResidualStream) -> list:
 
 
 def _count(plan) -> int:
-    return len({(a.reader, a.attr) if isinstance(a, Centre) else a.norm for a in plan})
+    return len({(a.reader, a.attr) if isinstance(a, Centre) else a.norm for a in plan if isinstance(a, (Centre, NormTable))})
 
 
-def centre_writers(program: Program, plan: list, *, trainable: bool) -> None:
+def centre_writers(program: Program, plan: list, *, trainable: bool, write=None) -> None:
+    """Re-centre every writer tensor in `plan` once (`write` does it; default: by `trainable`)."""
+    write = write or (centre_in_graph if trainable else centre_stored_tensor)
     done = set()
     for action in plan:
+        if not isinstance(action, (Centre, NormTable)):
+            continue
         if isinstance(action, NormTable):
             table = normalise_embedding_table(program, action, trainable)
             action = Centre(action.embedding, table, 1)
@@ -112,7 +116,7 @@ def centre_writers(program: Program, plan: list, *, trainable: bool) -> None:
         if key in done:
             continue
         done.add(key)
-        (centre_in_graph if trainable else centre_stored_tensor)(program, action)
+        write(program, action)
 
 
 def centre_stored_tensor(program: Program, action: Centre) -> None:
