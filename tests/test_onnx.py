@@ -1,7 +1,6 @@
 """ONNX export of rewritten models, run in ONNX Runtime."""
 
 import pytest
-import torch
 from conftest import build, token_ids
 
 import effcc

@@ -76,14 +76,18 @@ def _op_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)) if node.op == "call_function" else node.op
 
 
-def fold_into_linear(program: Program, lin: Linear, gamma, beta) -> bool:
-    """W ← W·diag(γ), b ← b + W·β for one linear, in float64.  Returns True if W had to be untied."""
+def fold_into_linear(program: Program, lin: Linear, gamma, beta, then=None) -> bool:
+    """W ← W·diag(γ), b ← b + W·β for one linear, in float64.  Returns True if W had to be untied.
+
+    `then` maps the folded [out, in] weight further (Pre-CRMSNorm folds its expansion so)."""
     weight_name = program.private_tensor(lin.weight_reader, lin.weight)
     weight = program.tensor(weight_name)
     w = weight.double().t() if lin.transposed else weight.double()  # [out, in]
     shift = w @ beta if beta is not None else None
     if gamma is not None:
         w = w * gamma
+    if then is not None:
+        w = then(w)
     program.set_tensor(weight_name, (w.t() if lin.transposed else w).to(weight.dtype).contiguous())
     if shift is not None:
         _add_to_bias(program, lin, shift, weight.dtype)

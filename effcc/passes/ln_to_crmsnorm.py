@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..analysis import describe, linears_reading, residual_streams
+from ..analysis import linears_reading
 from ..analysis.graph import is_transparent, value_of
-from ..analysis.mean_free import Centre, NotMeanFree, Through
+from ..analysis.mean_free import Centre, Through
 from ..program import Program
 from . import register_pass
 from .base import Guarantee, Pass, SiteLog
-from .ln_to_rmsnorm import centre_writers, plan_stream, stream_name, why_not_on_a_stream
+from .fold_norm_affine import fold_into_linear
+from .ln_to_rmsnorm import centre_writers, convertible_streams, stream_name
 
 aten = torch.ops.aten
 _SHAPE_ARG_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
@@ -38,18 +39,8 @@ class LayerNormToCRMSNorm(Pass):
     guarantee = Guarantee.EXACT
 
     def apply(self, program: Program, log: SiteLog) -> None:
-        converted: set[fx.Node] = set()
-        for stream in residual_streams(program.graph):
-            where = stream_name(stream)
-            norms = [r for r in stream.readers if r.target is aten.layer_norm.default]
-            if not norms:
-                log.skip(where, "no LayerNorm reads this stream: nothing to do")
-                continue
-            try:
-                plan = plan_stream(stream)
-            except NotMeanFree as why:
-                log.skip(where, str(why))
-                continue
+        changed = False
+        for stream, norms, plan in convertible_streams(program, log):
             width = stream.hidden_size
             centre_writers(program, plan, trainable=False, write=lambda p, action: _centre_and_drop_last(p, action, width))
             for step in plan:
@@ -58,13 +49,10 @@ class LayerNormToCRMSNorm(Pass):
             for add in stream.adds:  # views on the stream itself (OPT flattens it between adds)
                 _narrow_path(add, None, width)
             folded = sum(_compress_norm(program, norm, width) for norm in norms)
-            converted.update(norms)
-            log.change(where, f"stream {width} → {width - 1} features; {len(norms)} LayerNorm(s) → CRMSNorm, {folded} with the expansion folded into their linears")
-        for node in program.graph.nodes:
-            if node.target is aten.layer_norm.default and node not in converted:
-                log.skip(describe(node), why_not_on_a_stream(node))
-        if converted:
-            program.retrace()
+            changed = True
+            log.change(stream_name(stream), f"stream {width} → {width - 1} features; {len(norms)} LayerNorm(s) → CRMSNorm, {folded} with the expansion folded into their linears")
+        if changed:
+            program.retrace()  # widths changed: refresh every node's recorded shape
 
 
 def _centre_and_drop_last(program: Program, action: Centre, width: int) -> None:
@@ -121,18 +109,7 @@ def _compress_norm(program: Program, norm: fx.Node, width: int) -> bool:
 
 def _fold_expansion(program: Program, lin, gamma, beta, width: int) -> None:
     """W·(γ ⊙ C x̂ + β) + b = ((W diag γ) C) x̂ + (b + W β)."""
-    from .fold_norm_affine import _add_to_bias
-
-    name = program.private_tensor(lin.weight_reader, lin.weight)
-    stored = program.tensor(name)
-    w = stored.double().t() if lin.transposed else stored.double()  # [out, d]
-    shift = w @ beta if beta is not None else None
-    if gamma is not None:
-        w = w * gamma
-    w = w[:, : width - 1] - w[:, width - 1 :]
-    program.set_tensor(name, (w.t() if lin.transposed else w).to(stored.dtype).contiguous())
-    if shift is not None:
-        _add_to_bias(program, lin, shift, stored.dtype)
+    fold_into_linear(program, lin, gamma, beta, then=lambda w: w[:, : width - 1] - w[:, width - 1 :])
 
 
 def _narrow_path(norm: fx.Node, reader: fx.Node, width: int) -> None:

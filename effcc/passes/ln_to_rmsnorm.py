@@ -48,29 +48,37 @@ class LayerNormToRMSNorm(Pass):
         return dataclasses.replace(self, trainable=True)
 
     def apply(self, program: Program, log: SiteLog) -> None:
-        converted: set[fx.Node] = set()
-        refused: dict[fx.Node, str] = {}
-        for stream in residual_streams(program.graph):
-            where = stream_name(stream)
-            norms = [r for r in stream.readers if r.target is aten.layer_norm.default]
-            if not norms:
-                log.skip(where, "no LayerNorm reads this stream (already RMSNorm, or no norm at all): nothing to do")
-                continue
-            try:
-                plan = plan_stream(stream)
-            except NotMeanFree as why:
-                for norm in norms:
-                    refused[norm] = f"reads {where}, which stays as it is: {why}"
-                log.skip(where, str(why))
-                continue
+        for stream, norms, plan in convertible_streams(program, log):
             centre_writers(program, plan, trainable=self.trainable)
             for norm in norms:
                 to_rms_norm(program, norm)
-                converted.add(norm)
-            log.change(where, f"{_count(plan)} writer tensor(s) re-centred; {len(norms)} LayerNorm(s) → RMSNorm")
-        for node in list(program.graph.nodes):
-            if node.target is aten.layer_norm.default and node not in converted and node.graph is program.graph:
-                log.skip(describe(node), refused.get(node) or why_not_on_a_stream(node))
+            log.change(stream_name(stream), f"{_count(plan)} writer tensor(s) re-centred; {len(norms)} LayerNorm(s) → RMSNorm")
+
+
+def convertible_streams(program: Program, log: SiteLog):
+    """Yield (stream, its LayerNorms, re-centring plan) for each stream that can be made mean-free.
+
+    Streams that cannot are logged as skipped with the reason.  Once the caller has converted
+    what it was given, every LayerNorm left in the graph is logged with why it was left."""
+    converted: set[fx.Node] = set()
+    refused: dict[fx.Node, str] = {}
+    for stream in residual_streams(program.graph):
+        where = stream_name(stream)
+        norms = [r for r in stream.readers if r.target is aten.layer_norm.default]
+        if not norms:
+            log.skip(where, "no LayerNorm reads this stream (already RMSNorm, or no norm at all): nothing to do")
+            continue
+        try:
+            plan = plan_stream(stream)
+        except NotMeanFree as why:
+            refused.update({norm: f"reads {where}, which stays as it is: {why}" for norm in norms})
+            log.skip(where, str(why))
+            continue
+        yield stream, norms, plan
+        converted.update(norms)
+    for node in list(program.graph.nodes):
+        if node.target is aten.layer_norm.default and node not in converted:
+            log.skip(describe(node), refused.get(node) or why_not_on_a_stream(node))
 
 
 def stream_name(stream: ResidualStream) -> str:
