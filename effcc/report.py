@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 from rich.console import Console, Group
@@ -59,14 +60,6 @@ class Report:
         return Group(*parts)
 
     def __str__(self) -> str:
-        console = Console(width=120, record=True, file=_NullFile(), color_system=None)
+        console = Console(width=120, file=io.StringIO(), color_system=None)
         console.print(self)
-        return console.export_text().rstrip()
-
-
-class _NullFile:
-    def write(self, _):
-        return 0
-
-    def flush(self):
-        pass
+        return console.file.getvalue().rstrip()

@@ -161,14 +161,9 @@ def normalise_embedding_table(program: Program, action: NormTable, trainable: bo
         table = program.new_tensor(table_attr.target, normed.to(stored.dtype))
         table.meta = dict(table_attr.meta)
     embedding.replace_input_with(table_attr, table)
-    norm.replace_all_uses_with(_through_views(norm.args[0], embedding))
+    norm.replace_all_uses_with(norm.args[0])  # its input now holds normalised rows already
     graph.erase_node(norm)
     return table
-
-
-def _through_views(value: fx.Node, embedding: fx.Node) -> fx.Node:
-    """The norm's input value (the embedding, possibly through views/dropout), now the table's rows."""
-    return value if value is not None else embedding
 
 
 def to_rms_norm(program: Program, norm: fx.Node) -> None:
