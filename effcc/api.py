@@ -44,15 +44,19 @@ def optimize(
     example_kwargs: dict | None = None,
     verify: bool = True,
     dynamic: bool = True,
+    calibration=None,
 ) -> OptimizeResult:
     """Capture `model`, apply `passes` and verify each against the original in float64.
 
     passes: names or (name, {options}) pairs, applied in order; None runs the default
     (exact) passes.  The caller's model and its parameters are never changed.
     dynamic: keep sizes the model does not specialise on (batch, sequence) symbolic.
+    calibration: batches (each a tuple of positional inputs) for passes that need activation
+    statistics (smoothquant); read by each such pass on the graph as it is then.
     """
     chosen: list[Pass] = default_passes() if passes is None else [make_pass(p) for p in passes]
     program = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
+    program.calibration = [b if isinstance(b, tuple) else (b,) for b in calibration] if calibration is not None else None
     report = run_passes(model, program, chosen, verify=verify)
     return OptimizeResult(program.gm, report, program)
 

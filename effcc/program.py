@@ -22,6 +22,7 @@ class Program:
     example_kwargs: dict = field(default_factory=dict)
     dynamic_shapes: object = None  # the torch.export spec the graph was captured with
     notes: list[str] = field(default_factory=list)  # facts about the capture worth reporting
+    calibration: list | None = None  # batches (tuples of inputs) for passes that need activation statistics
 
     @property
     def graph(self) -> fx.Graph:

@@ -1,0 +1,85 @@
+"""smoothquant migration: exact in float64 before quantisation; calibration behaviour."""
+
+import pytest
+import torch
+from conftest import build, token_ids
+
+import effcc
+from effcc.analysis import linears_reading, match_norm
+from effcc.calibrate import activation_stats
+from effcc.capture import capture
+
+F64_RTOL = 1e-10
+
+
+def _calibration(n=3):
+    return [(token_ids(batch=2, tokens=8, seed=100 + i),) for i in range(n)]
+
+
+# (architecture, sites smoothed, sites refused)
+CASES = [("opt", 5, 0), ("bloom", 5, 0), ("llama", 5, 0), ("gpt2", 5, 0), ("bert", 2, 4)]
+
+
+@pytest.mark.parametrize("arch,smoothed,refused", CASES, ids=[c[0] for c in CASES])
+def test_migration_is_exact_before_quantisation(arch, smoothed, refused):
+    model = build(arch, torch.float64)
+    ids = token_ids()
+    res = effcc.optimize(model, (ids,), passes=[("smoothquant", {"alpha": 0.5})], calibration=_calibration())
+    (result,) = res.passes
+    assert (len(result.changed), len(result.skipped)) == (smoothed, refused), res.report
+    assert result.comparison.max_rel <= F64_RTOL
+    with torch.no_grad():
+        want, got = model(ids).logits, res.model(ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= F64_RTOL
+
+
+def test_smoothing_flattens_the_activation_channels():
+    """The point of the migration: after it, max|X_j| varies much less across channels j."""
+    model = build("opt", torch.float64)
+    with torch.no_grad():  # plant outlier channels, as trained LLMs have
+        for layer in model.model.decoder.layers:
+            layer.self_attn_layer_norm.weight[:3] *= 30
+    calibration = _calibration()
+    before = capture(model, calibration[0])
+    res = effcc.optimize(model, calibration[0], passes=[("smoothquant", {"alpha": 0.8})], calibration=calibration)
+
+    def spread(program):
+        norms = [n for n in program.graph.nodes if match_norm(n) is not None and linears_reading(n)[0]]
+        stats = activation_stats(program, norms, calibration)
+        return max((s.absmax.max() / s.absmax.clamp_min(1e-12).median()).item() for s in stats.values())
+
+    assert spread(res.program) < spread(before) / 3
+
+
+def test_needs_calibration_and_refuses_bad_data():
+    model = build("opt")
+    with pytest.raises(effcc.EffccError, match="needs calibration data"):
+        effcc.optimize(model, (token_ids(),), passes=["smoothquant"])
+    with pytest.raises(effcc.EffccError, match="calibration data is empty"):
+        effcc.optimize(model, (token_ids(),), passes=["smoothquant"], calibration=[])
+    with pytest.raises(effcc.EffccError, match="alpha must be between 0 and 1"):
+        effcc.optimize(model, (token_ids(),), passes=[("smoothquant", {"alpha": 2})], calibration=_calibration(1))
+
+
+def test_nan_in_calibration_names_the_node_and_batch():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.norm(x))
+
+    model = Tiny()
+    good, bad = torch.randn(2, 8), torch.full((2, 8), float("nan"))
+    with pytest.raises(effcc.EffccError, match=r"calibration batch 1: norm \(LayerNorm.*NaN or inf"):
+        effcc.optimize(model, (good,), passes=["smoothquant"], calibration=[(good,), (bad,)])
+
+
+def test_statistics_memory_does_not_grow_with_batches():
+    program = capture(build("gpt2"), (token_ids(),))
+    norm = next(n for n in program.graph.nodes if match_norm(n) is not None)
+    few = activation_stats(program, [norm], _calibration(2))[norm]
+    many = activation_stats(program, [norm], _calibration(6))[norm]
+    assert few.max.shape == many.max.shape == (32,) and many.batches == 6
+    assert torch.all(many.max >= few.max) and torch.all(many.min <= few.min)
