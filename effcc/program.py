@@ -101,3 +101,14 @@ class Program:
         self.graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "call_module" or n.is_impure())
         self.graph.lint()
         self.gm.recompile()
+        self.drop_unread_tensors()
+
+    def drop_unread_tensors(self) -> None:
+        """Forget stored tensors no node reads any more (a weight replaced by its quantised form)."""
+        read = {node.target for node in self.graph.find_nodes(op="get_attr")}
+        for name, _ in list(self.gm.named_parameters(remove_duplicate=False)) + list(self.gm.named_buffers(remove_duplicate=False)):
+            if name not in read:
+                module_path, _, leaf = name.rpartition(".")
+                module = self.gm.get_submodule(module_path)
+                module._parameters.pop(leaf, None)
+                module._buffers.pop(leaf, None)

@@ -1,0 +1,80 @@
+"""Quantised linears: the tensors a quantisation pass stores, and the reference math.
+
+W8A8   weight int8 [out, in], symmetric, one scale per output channel (float32 [out]);
+       activations quantised per token at run time (symmetric int8, absmax / 127);
+       int8 × int8 products accumulated exactly (int32 semantics), one rescale at the end.
+W4A16  weight as unsigned 4-bit codes in groups of `group_size` along the input dim, with a
+       scale and a zero point per group: w = (q − zero) · scale.  Codes are packed two per byte,
+       even input column in the low nibble: qweight uint8 [out, in / 2]; scales [out, in / g]
+       (the model's dtype), zeros uint8 [out, in / g].  Activations stay in the model's dtype.
+These layouts are what the fast kernels consume; these functions are their reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+
+# ---- W8A8 ---------------------------------------------------------------------------------------
+def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-channel symmetric int8: (q int8 [out, in], scale float32 [out])."""
+    w = weight.double()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.float()
+
+
+def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token (last dim) symmetric int8: (q int8, scale float32 [..., 1])."""
+    xd = x.double()
+    scale = (xd.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
+    return torch.round(xd / scale).clamp(-127, 127).to(torch.int8), scale.float()
+
+
+@custom_op("effcc::w8a8_linear", mutates_args=())
+def w8a8_linear(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    xq, xs = quantize_per_token_int8(x)
+    # int8 × int8 sums are integers below 2^53: float64 holds them exactly, as int32 would.
+    acc = xq.double() @ qweight.double().t()
+    y = acc * xs.double() * weight_scale.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
+@w8a8_linear.register_fake
+def _(x, qweight, weight_scale, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# ---- W4A16 --------------------------------------------------------------------------------------
+def quantize_weight_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric 4-bit codes per group: (qweight uint8 [out, in/2], scales [out, in/g], zeros uint8 [out, in/g])."""
+    out_features, in_features = weight.shape
+    w = weight.double().reshape(out_features, in_features // group_size, group_size)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = torch.round(w / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8).reshape(out_features, in_features)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed, scale.to(weight.dtype), zero.to(torch.uint8)
+
+
+def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    low, high = qweight & 0xF, qweight >> 4
+    q = torch.stack((low, high), dim=-1).reshape(qweight.shape[0], -1).double()
+    groups = q.reshape(q.shape[0], -1, group_size)
+    return ((groups - zeros.double()[..., None]) * scales.double()[..., None]).reshape(q.shape)
+
+
+@custom_op("effcc::w4a16_linear", mutates_args=())
+def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None) -> Tensor:
+    w = dequantize_int4(qweight, scales, zeros, group_size).to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@w4a16_linear.register_fake
+def _(x, qweight, scales, zeros, group_size, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
