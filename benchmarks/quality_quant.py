@@ -6,7 +6,7 @@
 Sentences: English prose taken from the package descriptions (METADATA) installed on this
 machine, held out from the calibration sentences.  Metric: cosine similarity of each sentence's
 mean-pooled, normalised embedding to the fp32 one (mean and worst).  Variants: naive W8A8,
-SmoothQuant W8A8 (α = 0.5), naive W4A16 (groups of 128).  JSON to benchmarks/results/.
+SmoothQuant W8A8 (α = 0.5 and searched), OS+ W8A8, naive and smoothed W4A16 (groups of 128).  JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ def main():
     variants = {
         "naive W8A8": ["quantize_w8a8"],
         "SmoothQuant W8A8 (alpha 0.5)": [("smoothquant", {"alpha": 0.5}), "quantize_w8a8"],
+        "SmoothQuant W8A8 (alpha auto)": [("smoothquant", {"alpha": "auto"}), "quantize_w8a8"],
+        "OS+ W8A8": ["os_plus", "quantize_w8a8"],
         "naive W4A16 (g128)": [("quantize_w4a16", {"group_size": 128})],
         "SmoothQuant W4A16 (alpha 0.5, g128)": [("smoothquant", {"alpha": 0.5}), ("quantize_w4a16", {"group_size": 128})],
     }

@@ -28,43 +28,56 @@ class ChannelStats:
     max: torch.Tensor
     min: torch.Tensor
     batches: int = 1
+    sample: torch.Tensor | None = None  # the first rows seen (tokens × channels), for searches; bounded
 
     @property
     def absmax(self) -> torch.Tensor:
         return torch.maximum(self.max.abs(), self.min.abs())
 
-    def update(self, value: torch.Tensor) -> None:
+    def update(self, value: torch.Tensor, keep_rows: int = 0) -> None:
         self.max = torch.maximum(self.max, value.amax(dim=tuple(range(value.dim() - 1))))
         self.min = torch.minimum(self.min, value.amin(dim=tuple(range(value.dim() - 1))))
         self.batches += 1
+        self.keep(value, keep_rows)
+
+    def keep(self, value: torch.Tensor, keep_rows: int) -> None:
+        have = 0 if self.sample is None else self.sample.shape[0]
+        if have < keep_rows:
+            rows = value.reshape(-1, value.shape[-1])[: keep_rows - have]
+            self.sample = rows if self.sample is None else torch.cat([self.sample, rows])
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watched: set[fx.Node], stats: dict, batch: int):
+    def __init__(self, gm: fx.GraphModule, watched: set[fx.Node], stats: dict, batch: int, keep_rows: int):
         super().__init__(gm)
-        self.watched, self.stats, self.batch = watched, stats, batch
+        self.watched, self.stats, self.batch, self.keep_rows = watched, stats, batch, keep_rows
 
     def run_node(self, node: fx.Node):
         value = super().run_node(node)
         if node in self.watched:
-            record(self.stats, node, value.detach(), self.batch)
+            record(self.stats, node, value.detach(), self.batch, self.keep_rows)
         return value
 
 
-def record(stats: dict, node: fx.Node, value: torch.Tensor, batch: int) -> None:
+def record(stats: dict, node: fx.Node, value: torch.Tensor, batch: int, keep_rows: int = 0) -> None:
     wide = value.double()
     if not torch.isfinite(wide).all():
         raise EffccError(f"calibration batch {batch}: {describe(node)} produced NaN or inf; check that batch's inputs")
     if node in stats:
-        stats[node].update(wide)
+        stats[node].update(wide, keep_rows)
     else:
         axes = tuple(range(wide.dim() - 1))
         stats[node] = ChannelStats(wide.amax(dim=axes), wide.amin(dim=axes))
+        stats[node].keep(wide, keep_rows)
 
 
 @torch.no_grad()
-def activation_stats(program: Program, nodes: Iterable[fx.Node], batches: Iterable, *, description: str = "calibrating") -> dict[fx.Node, ChannelStats]:
-    """Run `batches` (each a tuple of the model's positional inputs) and return stats of `nodes`' values."""
+def activation_stats(
+    program: Program, nodes: Iterable[fx.Node], batches: Iterable, *, description: str = "calibrating", keep_rows: int = 0
+) -> dict[fx.Node, ChannelStats]:
+    """Run `batches` (each a tuple of the model's positional inputs) and return stats of `nodes`' values.
+
+    keep_rows: also keep the first that many rows (tokens) of each value, for error searches."""
     watched = set(nodes)
     stats: dict[fx.Node, ChannelStats] = {}
     batches = list(batches) if not isinstance(batches, list) else batches
@@ -75,6 +88,6 @@ def activation_stats(program: Program, nodes: Iterable[fx.Node], batches: Iterab
         for i, batch in enumerate(batches):
             batch = batch if isinstance(batch, tuple) else (batch,)
             flat, _ = tree_flatten(batch)
-            _Recorder(program.gm, watched, stats, i).run(*flat)
+            _Recorder(program.gm, watched, stats, i, keep_rows).run(*flat)
             progress.advance(task)
     return stats

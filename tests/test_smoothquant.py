@@ -57,7 +57,7 @@ def test_needs_calibration_and_refuses_bad_data():
         effcc.optimize(model, (token_ids(),), passes=["smoothquant"])
     with pytest.raises(effcc.EffccError, match="calibration data is empty"):
         effcc.optimize(model, (token_ids(),), passes=["smoothquant"], calibration=[])
-    with pytest.raises(effcc.EffccError, match="alpha must be between 0 and 1"):
+    with pytest.raises(effcc.EffccError, match="alpha must be between 0 and 1, or 'auto'"):
         effcc.optimize(model, (token_ids(),), passes=[("smoothquant", {"alpha": 2})], calibration=_calibration(1))
 
 
@@ -83,3 +83,42 @@ def test_statistics_memory_does_not_grow_with_batches():
     many = activation_stats(program, [norm], _calibration(6))[norm]
     assert few.max.shape == many.max.shape == (32,) and many.batches == 6
     assert torch.all(many.max >= few.max) and torch.all(many.min <= few.min)
+
+
+@pytest.mark.parametrize("arch", ["opt", "bert", "llama"])
+def test_os_plus_and_auto_alpha_are_exact_before_quantisation(arch):
+    model = build(arch, torch.float64)
+    ids = token_ids()
+    for passes in (["os_plus"], [("smoothquant", {"alpha": "auto"})]):
+        res = effcc.optimize(model, (ids,), passes=passes, calibration=_calibration())
+        (result,) = res.passes
+        assert result.changed and result.comparison.max_rel <= F64_RTOL, res.report
+
+
+def test_os_plus_shifts_where_the_norm_has_beta_and_scales_only_without():
+    calibration = _calibration()
+    opt = effcc.optimize(build("opt"), (token_ids(),), passes=["os_plus"], calibration=calibration).passes[0]
+    assert all(s.detail.startswith("shift and scale") for s in opt.changed)
+    llama = effcc.optimize(build("llama"), (token_ids(),), passes=["os_plus"], calibration=calibration).passes[0]
+    assert llama.changed and all(s.detail.startswith("scale only") for s in llama.changed)
+
+
+def test_searches_do_not_lose_to_the_fixed_choice_on_w8a8_error():
+    """Against naive quantisation, on a model with planted outlier channels."""
+    model = build("opt")
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            layer.self_attn_layer_norm.weight[:3] *= 30
+            layer.self_attn_layer_norm.bias[:3] += 5
+    ids, calibration = token_ids(), _calibration()
+    errors = {}
+    for name, passes in {
+        "naive": ["quantize_w8a8"],
+        "smoothquant": [("smoothquant", {"alpha": 0.5}), "quantize_w8a8"],
+        "auto": [("smoothquant", {"alpha": "auto"}), "quantize_w8a8"],
+        "os_plus": ["os_plus", "quantize_w8a8"],
+    }.items():
+        errors[name] = effcc.optimize(model, (ids,), passes=passes, calibration=calibration).passes[-1].comparison.max_rel
+    assert errors["smoothquant"] < errors["naive"], errors
+    assert errors["os_plus"] < errors["naive"], errors
+    assert errors["auto"] < errors["naive"], errors

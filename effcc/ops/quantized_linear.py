@@ -33,6 +33,13 @@ def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(xd / scale).clamp(-127, 127).to(torch.int8), scale.float()
 
 
+def fake_quant_w8a8(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(x, W) as W8A8 sees them after quantisation, dequantised: for error searches."""
+    xq, xs = quantize_per_token_int8(x)
+    wq, ws = quantize_weight_int8(weight)
+    return xq.double() * xs.double(), wq.double() * ws.double()[:, None]
+
+
 @custom_op("effcc::w8a8_linear", mutates_args=())
 def w8a8_linear(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
     xq, xs = quantize_per_token_int8(x)

@@ -25,10 +25,12 @@ from torch import fx
 from ..analysis import Linear, Norm, describe, linears_reading, match_norm
 from ..analysis.graph import IGNORED_READERS, is_transparent
 from ..calibrate import activation_stats
+from ..ops.quantized_linear import fake_quant_w8a8
 from ..errors import EffccError
 from ..program import Program
 from . import register_pass
 from .base import Guarantee, Pass, SiteLog
+from .fold_norm_affine import _add_to_bias
 
 
 @dataclass
@@ -38,34 +40,85 @@ class Site:
     compensate: list[tuple[fx.Node, fx.Node]]  # (user, value it reads) on paths that need the value × s back
 
 
+SEARCH_ROWS = 2048  # calibration tokens kept per site for the error searches
+
+
 @register_pass
 @dataclass
 class SmoothQuant(Pass):
     name = "smoothquant"
     summary = "SmoothQuant: X/s into the norm, W·diag(s) into its linears, s = max|X|^α / max|W|^(1−α) (needs calibration)"
     guarantee = Guarantee.EXACT
-    alpha: float = 0.5
+    alpha: float | str = 0.5  # or "auto": per site, the α in 0, 0.05, …, 1 with the least W8A8 output error
     post_ln: bool = True  # smooth norms also read by a residual add, multiplying that path back by s
 
     def apply(self, program: Program, log: SiteLog) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise EffccError(f"smoothquant: alpha must be between 0 and 1, got {self.alpha}")
-        sites = smoothing_sites(program, log, self.post_ln)
-        if not sites:
-            return
-        if program.calibration is None:
-            raise EffccError("smoothquant needs calibration data: optimize(..., calibration=[(inputs,), ...]) with a few real batches")
-        stats = activation_stats(program, [site.norm.node for site in sites], program.calibration, description="smoothquant: calibrating")
-        for site in sites:
-            s = smoothing_scale(stats[site.norm.node].absmax, [weight_columns(program, lin) for lin in site.linears], self.alpha)
-            scale_norm(program, site.norm, 1 / s)
-            for lin in site.linears:
-                scale_input_channels(program, lin, s)
-            if site.compensate:
-                restore_other_paths(program, site, s)
-            names = ", ".join(describe(lin.node).split(" (")[0] for lin in site.linears)
-            extra = f"; × s restored for {len(site.compensate)} other reader(s)" if site.compensate else ""
-            log.change(describe(site.norm.node), f"s ∈ [{s.min():.3g}, {s.max():.3g}] migrated into {names}{extra}")
+        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise EffccError(f"smoothquant: alpha must be between 0 and 1, or 'auto'; got {self.alpha!r}")
+        for site, stats in calibrated_sites(program, log, self.name, self.post_ln, keep_rows=SEARCH_ROWS if self.alpha == "auto" else 0):
+            weights = [oriented_weight(program, lin) for lin in site.linears]
+            columns = [w.abs().amax(dim=0) for w in weights]
+            if self.alpha == "auto":
+                errors = {a: w8a8_error(stats.sample, weights, smoothing_scale(stats.absmax, columns, a)) for a in ALPHA_GRID}
+                alpha = min(errors, key=errors.get)
+            else:
+                alpha = float(self.alpha)
+            s = smoothing_scale(stats.absmax, columns, alpha)
+            migrate(program, site, s)
+            chosen = f"α = {alpha:.2f} (searched), " if self.alpha == "auto" else ""
+            log.change(describe(site.norm.node), f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] migrated into {_names(site)}{_restored(site)}")
+
+
+ALPHA_GRID = [round(0.05 * i, 2) for i in range(21)]
+
+
+def calibrated_sites(program: Program, log: SiteLog, pass_name: str, post_ln: bool, keep_rows: int = 0):
+    """(site, statistics of the norm's output) for every norm → linears site."""
+    sites = smoothing_sites(program, log, post_ln)
+    if not sites:
+        return []
+    if program.calibration is None:
+        raise EffccError(f"{pass_name} needs calibration data: optimize(..., calibration=[(inputs,), ...]) with a few real batches")
+    stats = activation_stats(program, [site.norm.node for site in sites], program.calibration, description=f"{pass_name}: calibrating", keep_rows=keep_rows)
+    return [(site, stats[site.norm.node]) for site in sites]
+
+
+def _names(site) -> str:
+    return ", ".join(describe(lin.node).split(" (")[0] for lin in site.linears)
+
+
+def _restored(site) -> str:
+    return f"; the value restored for {len(site.compensate)} other reader(s)" if site.compensate else ""
+
+
+def oriented_weight(program: Program, lin: Linear) -> torch.Tensor:
+    """W as [out, in] in float64, whatever way it is stored."""
+    w = program.tensor(lin.weight.target).double()
+    return w.t() if lin.transposed else w
+
+
+def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, z: torch.Tensor | None = None) -> float:
+    """Squared error of the site's linears under W8A8 after migrating (s, z), on sampled activations x."""
+    shifted = x - z if z is not None else x
+    total = 0.0
+    for w in weights:
+        xq, wq = fake_quant_w8a8(shifted / s, w * s)
+        approx = xq @ wq.t() + (w @ z if z is not None else 0)
+        total += (approx - x @ w.t()).pow(2).sum().item()
+    return total
+
+
+def migrate(program: Program, site, s: torch.Tensor, z: torch.Tensor | None = None) -> None:
+    """The norm outputs (X − z) / s; each linear gets W·diag(s) and b + W z; other readers get X back."""
+    if z is not None:
+        for lin in site.linears:
+            _add_to_bias(program, lin, oriented_weight(program, lin) @ z, program.tensor(lin.weight.target).dtype)
+        _shift_norm(program, site.norm, z)
+    scale_norm(program, site.norm, 1 / s)
+    for lin in site.linears:
+        scale_input_channels(program, lin, s)
+    if site.compensate:
+        restore_other_paths(program, site, s, z)
 
 
 def smoothing_sites(program: Program, log: SiteLog, post_ln: bool = True) -> list[Site]:
@@ -115,24 +168,30 @@ def _paths_to(node: fx.Node, others: set[fx.Node]) -> list[tuple[fx.Node, fx.Nod
     return chosen
 
 
-def restore_other_paths(program: Program, site: Site, s: torch.Tensor) -> None:
-    """Readers that are not smoothed linears get (X / s) · s = X back."""
+def restore_other_paths(program: Program, site: Site, s: torch.Tensor, z: torch.Tensor | None = None) -> None:
+    """Readers that are not smoothed linears get ((X − z) / s) · s + z = X back."""
     base = site.norm.gamma.target
-    scale = program.new_tensor(f"{base}_smooth_scale", s.to(program.tensor(base).dtype))
+    dtype = program.tensor(base).dtype
+    scale = program.new_tensor(f"{base}_smooth_scale", s.to(dtype))
+    shift = program.new_tensor(f"{base}_smooth_shift", z.to(dtype)) if z is not None else None
     graph = program.graph
     restored: dict[fx.Node, fx.Node] = {}
     for user, value in site.compensate:
         if value not in restored:
             with graph.inserting_after(value):
-                restored[value] = graph.call_function(torch.ops.aten.mul.Tensor, (value, scale))
-            restored[value].meta = dict(value.meta)
+                back = graph.call_function(torch.ops.aten.mul.Tensor, (value, scale))
+            if shift is not None:
+                with graph.inserting_after(back):
+                    back = graph.call_function(torch.ops.aten.add.Tensor, (back, shift))
+            back.meta = dict(value.meta)
+            restored[value] = back
         user.replace_input_with(value, restored[value])
 
 
-def weight_columns(program: Program, lin: Linear) -> torch.Tensor:
-    """max |W_{:,j}| per input channel j, in float64."""
-    w = program.tensor(lin.weight.target).double()
-    return (w.t() if lin.transposed else w).abs().amax(dim=0)
+def _shift_norm(program: Program, norm: Norm, z: torch.Tensor) -> None:
+    name = program.private_tensor(norm.node, norm.beta)
+    beta = program.tensor(name)
+    program.set_tensor(name, (beta.double() - z).to(beta.dtype))
 
 
 def smoothing_scale(act_absmax: torch.Tensor, weight_absmax: list[torch.Tensor], alpha: float) -> torch.Tensor:
