@@ -68,7 +68,7 @@ def cmd_passes(args, console: Console) -> int:
     width = max(map(len, REGISTRY))
     for name, cls in REGISTRY.items():
         default = " (default)" if cls.default else ""
-        console.print(f"{name:<{width}}  [{cls.guarantee}]{default}  {cls.summary}", highlight=False, markup=False)
+        console.print(f"{name:<{width}}  [{cls.guarantee}]{default}  {cls.summary}", highlight=False, markup=False, soft_wrap=True)
     return 0
 
 

@@ -164,7 +164,6 @@ def test_training_stays_equal_across_optimizer_steps(arch):
     converted = res.model
     # BLOOM's embedding LayerNorm now normalises the table (weights), not the activations.
     assert _ops(converted, aten.layer_norm.default) == (1 if arch == "bloom" else 0)
-    params_a = dict(model.named_parameters())
     params_b = dict(converted.named_parameters())
     # The same trainable tensors (tied embeddings stay one parameter, under one of their names).
     assert len(list(model.parameters())) == len(list(converted.parameters()))

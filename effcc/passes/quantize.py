@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import fx
 
 from ..analysis import Linear, describe, match_linear, real_users
 from ..ops import quantized_linear as q
@@ -51,17 +50,21 @@ def _replace(program: Program, lin: Linear, op, stored: dict, extra: tuple = ())
     graph.erase_node(lin.node)
 
 
-@register_pass
 @dataclass
-class QuantizeW8A8(Pass):
-    name = "quantize_w8a8"
-    summary = "int8 weights (per output channel) × int8 activations (per token, dynamic), int32 accumulation"
+class _Quantize(Pass):
     guarantee = Guarantee.LOSSY
     bound: float | None = None  # fail above this relative error (float64 evaluation); None: report only
     include_output_layers: bool = False
 
     def rtol(self, dtype: torch.dtype) -> float:
         return self.bound if self.bound is not None else float("inf")
+
+
+@register_pass
+@dataclass
+class QuantizeW8A8(_Quantize):
+    name = "quantize_w8a8"
+    summary = "int8 weights (per output channel) × int8 activations (per token, dynamic), int32 accumulation"
 
     def apply(self, program: Program, log: SiteLog) -> None:
         for lin in quantizable_linears(program, log, self.include_output_layers):
@@ -74,16 +77,10 @@ class QuantizeW8A8(Pass):
 
 @register_pass
 @dataclass
-class QuantizeW4A16(Pass):
+class QuantizeW4A16(_Quantize):
     name = "quantize_w4a16"
     summary = "4-bit weights in groups along the input (scale and zero point per group), activations unquantised"
-    guarantee = Guarantee.LOSSY
     group_size: int = 128
-    bound: float | None = None
-    include_output_layers: bool = False
-
-    def rtol(self, dtype: torch.dtype) -> float:
-        return self.bound if self.bound is not None else float("inf")
 
     def apply(self, program: Program, log: SiteLog) -> None:
         for lin in quantizable_linears(program, log, self.include_output_layers):
