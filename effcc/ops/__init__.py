@@ -1,5 +1,17 @@
-"""effcc's custom ops (torch.library): each with a PyTorch reference, a Triton kernel, autograd."""
+"""effcc's custom ops (torch.library): each with a PyTorch reference, autograd where it trains,
+and (in effcc.backends.triton) its kernel.  The RMSNorm ops need Triton, so they load on first use."""
 
-from .rms_norm import add_rms_norm, rms_norm, rms_norm_reference
+from . import quantized_linear
 
-__all__ = ["add_rms_norm", "rms_norm", "rms_norm_reference"]
+_RMS_NORM = {"add_rms_norm", "rms_norm", "rms_norm_reference"}
+
+
+def __getattr__(name):
+    if name in _RMS_NORM:
+        from . import norms
+
+        return getattr(norms, name)
+    raise AttributeError(f"module 'effcc.ops' has no attribute {name!r}")
+
+
+__all__ = ["add_rms_norm", "quantized_linear", "rms_norm", "rms_norm_reference"]

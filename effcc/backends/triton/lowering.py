@@ -41,7 +41,7 @@ def lower_rms_norms(gm: fx.GraphModule, device_types=("cuda",)) -> int:
 
     Only norms whose tensors live on `device_types` are lowered (the kernels are for GPUs;
     tests lower CPU graphs too, running the kernels in Triton's interpreter)."""
-    from ...ops import rms_norm as _register_ops  # noqa: F401 - defines torch.ops.effcc.*
+    from ...ops import norms  # noqa: F401 - defines torch.ops.effcc.rms_norm_fwd and friends
 
     graph = gm.graph
     lowered = 0
