@@ -16,8 +16,9 @@ def _calibration(n=3):
     return [(token_ids(batch=2, tokens=8, seed=100 + i),) for i in range(n)]
 
 
-# (architecture, sites smoothed, sites refused)
-CASES = [("opt", 5, 0), ("bloom", 5, 0), ("llama", 5, 0), ("gpt2", 5, 0), ("bert", 6, 0)]
+# (architecture, sites smoothed, sites refused): norm → linears sites, plus V → output projection
+# through each attention (GPT-2's fused q/k/v projection is refused; BLOOM has no SDPA node).
+CASES = [("opt", 7, 0), ("bloom", 5, 0), ("llama", 7, 0), ("gpt2", 5, 2), ("bert", 8, 0)]
 
 
 @pytest.mark.parametrize("arch,smoothed,refused", CASES, ids=[c[0] for c in CASES])
@@ -122,3 +123,25 @@ def test_searches_do_not_lose_to_the_fixed_choice_on_w8a8_error():
     assert errors["smoothquant"] < errors["naive"], errors
     assert errors["os_plus"] < errors["naive"], errors
     assert errors["auto"] < errors["naive"], errors
+
+
+def test_value_to_output_projection_site_with_grouped_query_attention():
+    model = build("llama", torch.float64)  # 4 query heads share 2 KV heads
+    res = effcc.optimize(model, (token_ids(),), passes=["smoothquant"], calibration=_calibration())
+    attention = [site for site in res.passes[0].changed if "self_attn (" in site.where]
+    assert len(attention) == 2 and all("grouped-query" in site.detail and "o_proj" in site.detail for site in attention)
+    assert res.passes[0].comparison.max_rel <= F64_RTOL
+
+
+def test_channel_map_is_measured_not_assumed():
+    from effcc.analysis.channel_map import attention_sites, channel_map
+
+    program = capture(build("llama", torch.float64), (token_ids(),))
+    sites, refused = attention_sites(program.graph)
+    assert len(sites) == 2 and not refused
+    mapping = channel_map(program.gm, sites[0], program.example_args)
+    head_dim, kv_heads, heads = 8, 2, 4
+    expected = torch.tensor([(h // (heads // kv_heads)) * head_dim + c for h in range(heads) for c in range(head_dim)])
+    assert torch.equal(mapping, expected)
+    gpt2_sites, gpt2_refused = attention_sites(capture(build("gpt2"), (token_ids(),)).graph)
+    assert not gpt2_sites and all("fused q/k/v" in why for _, why in gpt2_refused)

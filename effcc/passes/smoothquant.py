@@ -23,6 +23,7 @@ import torch
 from torch import fx
 
 from ..analysis import Linear, Norm, describe, linears_reading, match_norm
+from ..analysis.channel_map import attention_sites, channel_map
 from ..analysis.graph import IGNORED_READERS, is_transparent
 from ..calibrate import activation_stats
 from ..ops.quantized_linear import fake_quant_w8a8
@@ -51,6 +52,7 @@ class SmoothQuant(Pass):
     guarantee = Guarantee.EXACT
     alpha: float | str = 0.5  # or "auto": per site, the α in 0, 0.05, …, 1 with the least W8A8 output error
     post_ln: bool = True  # smooth norms also read by a residual add, multiplying that path back by s
+    attention: bool = True  # also migrate V projection → output projection through attention
 
     def apply(self, program: Program, log: SiteLog) -> None:
         if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
@@ -67,6 +69,48 @@ class SmoothQuant(Pass):
             migrate(program, site, s)
             chosen = f"α = {alpha:.2f} (searched), " if self.alpha == "auto" else ""
             log.change(describe(site.norm.node), f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] migrated into {_names(site)}{_restored(site)}")
+        if self.attention:
+            self.smooth_attention(program, log)
+
+    def smooth_attention(self, program: Program, log: SiteLog) -> None:
+        """V projection → output projection: V's channel k ÷ s_k, the output projection's matching inputs × s_k."""
+        sites, refused = attention_sites(program.graph)
+        for attn, why in refused:
+            log.skip(describe(attn), why)
+        mapped = []
+        for site in sites:
+            mapping = channel_map(program.gm, site, program.example_args, program.example_kwargs)
+            if mapping is None:
+                log.skip(describe(site.attention), "could not show which V channel reaches which input of the output projection")
+            else:
+                mapped.append((site, mapping))
+        if not mapped:
+            return
+        keep = SEARCH_ROWS if self.alpha == "auto" else 0
+        stats = activation_stats(program, [site.output.input for site, _ in mapped], program.calibration, description="smoothquant: attention", keep_rows=keep)
+        for site, mapping in mapped:
+            act = stats[site.output.input]
+            w_out = oriented_weight(program, site.output)
+            width = oriented_weight(program, site.value).shape[0]
+            grouped = lambda per_input: torch.zeros(width, dtype=torch.float64).scatter_reduce(0, mapping, per_input, "amax", include_self=False)  # noqa: E731
+
+            def scale(alpha: float) -> torch.Tensor:  # per V channel; channels that reach nothing keep 1
+                s = smoothing_scale(grouped(act.absmax), [grouped(w_out.abs().amax(dim=0))], alpha)
+                used = torch.zeros(width, dtype=torch.bool).index_fill(0, mapping, True)
+                return torch.where(used, s, torch.ones_like(s))
+
+            if self.alpha == "auto":
+                alpha = min(ALPHA_GRID, key=lambda a: w8a8_error(act.sample, [w_out], scale(a)[mapping]))
+            else:
+                alpha = float(self.alpha)
+            s = scale(alpha)
+            v = site.value
+            _scale_stored(program, v.weight_reader, v.weight, 1 / s, 1 if v.transposed else 0)
+            if v.bias is not None:
+                _scale_stored(program, v.node, v.bias, 1 / s, 0)
+            scale_input_channels(program, site.output, s[mapping])
+            shared = " (grouped-query: V channels shared by heads)" if len(mapping) > len(set(mapping.tolist())) else ""
+            log.change(describe(site.attention), f"s ∈ [{s.min():.3g}, {s.max():.3g}] from {describe(v.node).split(' (')[0]} into {describe(site.output.node).split(' (')[0]}{shared}")
 
 
 ALPHA_GRID = [round(0.05 * i, 2) for i in range(21)]

@@ -1,0 +1,95 @@
+"""Value projection → output projection through attention, and which channel goes where.
+
+Attention is linear in V with weights that do not depend on V, and the reshapes and transposes
+around it only move data: so scaling V's output channel k by 1/s_k and the output projection's
+matching input channels by s_k changes nothing.  Which input channel of the output projection
+carries V's channel k is *measured*, not assumed: the graph runs once (float64, example
+inputs) with V replaced by its channel numbers, identical for every token, so attention passes
+them through unchanged and they arrive at the output projection as a map.  Grouped-query
+attention (one V channel feeding several heads) shows up as a channel used several times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..verify import default_dtype, promote_graph_module, to_float64
+from .graph import IGNORED_READERS
+from .patterns import Linear, match_linear
+
+aten = torch.ops.aten
+_MOVES_DATA = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
+    aten.expand.default, aten.clone.default, aten.contiguous.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.alias.default, aten.flatten.using_ints, aten.unflatten.int, aten.slice.Tensor, aten.select.int,
+}
+
+
+@dataclass
+class AttentionSite:
+    value: Linear  # the V projection
+    output: Linear  # the output projection
+    attention: fx.Node
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u.target not in IGNORED_READERS]
+
+
+def attention_sites(graph: fx.Graph) -> tuple[list[AttentionSite], list[tuple[fx.Node, str]]]:
+    """(sites, refusals) for every scaled_dot_product_attention in the graph."""
+    sites, refused = [], []
+    for attn in graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+        node = attn.args[2]
+        while isinstance(node, fx.Node) and node.target in _MOVES_DATA and len(_users(node)) == 1:
+            node = node.args[0]
+        value = match_linear(node) if isinstance(node, fx.Node) else None
+        if value is None or len(_users(node)) != 1:
+            refused.append((attn, "its V is not the output of a linear read by this attention alone (a fused q/k/v projection?)"))
+            continue
+        node = attn
+        while len(_users(node)) == 1 and _users(node)[0].target in _MOVES_DATA:
+            node = _users(node)[0]
+        readers = _users(node)
+        output = match_linear(readers[0]) if len(readers) == 1 else None
+        if output is None:
+            refused.append((attn, "its output reaches something other than one linear"))
+            continue
+        sites.append(AttentionSite(value, output, attn))
+    return sites, refused
+
+
+class _ChannelNumbers(fx.Interpreter):
+    def __init__(self, gm, value_name: str, output_name: str):
+        super().__init__(gm)
+        self.value_name, self.output_name, self.seen = value_name, output_name, None
+
+    def run_node(self, node):
+        if node.name == self.output_name:
+            self.seen = self.env[node.args[0]] if node.target is not aten.addmm.default else self.env[node.args[1]]
+        result = super().run_node(node)
+        if node.name == self.value_name:  # every token carries its channel numbers: 0, 1, …, out − 1
+            result = torch.arange(result.shape[-1], dtype=torch.float64).expand_as(result).contiguous()
+        return result
+
+
+@torch.no_grad()
+def channel_map(gm: fx.GraphModule, site: AttentionSite, args: tuple, kwargs: dict | None = None) -> torch.Tensor | None:
+    """m with o_in[j] = v_out[m[j]] for every input channel j of the output projection, or None."""
+    promoted = promote_graph_module(gm)
+    runner = _ChannelNumbers(promoted, site.value.node.name, site.output.node.name)
+    from torch.utils._pytree import tree_flatten
+
+    flat, _ = tree_flatten((to_float64(args), to_float64(kwargs or {})))
+    with default_dtype(torch.float64):
+        runner.run(*[a for a in flat if isinstance(a, torch.Tensor)])
+    if runner.seen is None:
+        return None
+    rows = runner.seen.reshape(-1, runner.seen.shape[-1])
+    mapping = rows[0].round()
+    if not torch.allclose(rows, mapping.expand_as(rows), atol=1e-6) or mapping.min() < 0:
+        return None
+    return mapping.long()
