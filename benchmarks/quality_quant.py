@@ -85,6 +85,7 @@ def main():
         "OS+ W8A8": ["os_plus", "quantize_w8a8"],
         "naive W4A16 (g128)": [("quantize_w4a16", {"group_size": 128})],
         "SmoothQuant W4A16 (alpha 0.5, g128)": [("smoothquant", {"alpha": 0.5}), ("quantize_w4a16", {"group_size": 128})],
+        "SmoothQuant+ W4A16 (g128)": [("smoothquant_plus", {"group_size": 128}), ("quantize_w4a16", {"group_size": 128})],
     }
     rows = {"fp32": {"mean_cosine": 1.0, "min_cosine": 1.0}}
     for name, passes in variants.items():

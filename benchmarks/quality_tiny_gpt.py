@@ -100,6 +100,7 @@ def main():
         "OS+ W8A8": ["os_plus", "quantize_w8a8"],
         "naive W4A16 (g64)": [("quantize_w4a16", {"group_size": 64})],
         "SmoothQuant W4A16 (alpha 0.5, g64)": [("smoothquant", {"alpha": 0.5}), ("quantize_w4a16", {"group_size": 64})],
+        "SmoothQuant+ W4A16 (g64)": [("smoothquant_plus", {"group_size": 64}), ("quantize_w4a16", {"group_size": 64})],
     }
     rows = {"fp32": perplexity(model, evaluation)}
     print(f"{'fp32':38} perplexity {rows['fp32']:.3f}")

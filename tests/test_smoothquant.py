@@ -145,3 +145,18 @@ def test_channel_map_is_measured_not_assumed():
     assert torch.equal(mapping, expected)
     gpt2_sites, gpt2_refused = attention_sites(capture(build("gpt2"), (token_ids(),)).graph)
     assert not gpt2_sites and all("fused q/k/v" in why for _, why in gpt2_refused)
+
+
+def test_smoothquant_plus_is_exact_and_helps_w4a16():
+    model = build("opt")
+    with torch.no_grad():  # outlier channels, as trained LLMs have
+        for layer in model.model.decoder.layers:
+            layer.self_attn_layer_norm.weight[:3] *= 30
+            layer.final_layer_norm.weight[:3] *= 30
+    ids, calibration = token_ids(), _calibration()
+    plus = effcc.optimize(model.double(), (ids,), passes=[("smoothquant_plus", {"group_size": 16})], calibration=calibration).passes[0]
+    assert plus.changed and plus.comparison.max_rel <= F64_RTOL and all("searched" in s.detail for s in plus.changed)
+    model = model.float()
+    naive = effcc.optimize(model, (ids,), passes=[("quantize_w4a16", {"group_size": 16})]).passes[-1].comparison.max_rel
+    smoothed = effcc.optimize(model, (ids,), passes=[("smoothquant_plus", {"group_size": 16}), ("quantize_w4a16", {"group_size": 16})], calibration=calibration).passes[-1].comparison.max_rel
+    assert smoothed < naive, (smoothed, naive)
