@@ -18,7 +18,8 @@ def _calibration(n=3):
 
 # (architecture, sites smoothed, sites refused): norm → linears sites, plus V → output projection
 # through each attention (GPT-2's fused q/k/v projection is refused; BLOOM has no SDPA node).
-CASES = [("opt", 7, 0), ("bloom", 5, 0), ("llama", 7, 0), ("gpt2", 5, 2), ("bert", 8, 0)]
+# LLaMA also has up_proj → down_proj through the gate's elementwise product.
+CASES = [("opt", 7, 0), ("bloom", 5, 0), ("llama", 9, 0), ("gpt2", 5, 2), ("bert", 8, 0)]
 
 
 @pytest.mark.parametrize("arch,smoothed,refused", CASES, ids=[c[0] for c in CASES])
@@ -160,3 +161,12 @@ def test_smoothquant_plus_is_exact_and_helps_w4a16():
     naive = effcc.optimize(model, (ids,), passes=[("quantize_w4a16", {"group_size": 16})]).passes[-1].comparison.max_rel
     smoothed = effcc.optimize(model, (ids,), passes=[("smoothquant_plus", {"group_size": 16}), ("quantize_w4a16", {"group_size": 16})], calibration=calibration).passes[-1].comparison.max_rel
     assert smoothed < naive, (smoothed, naive)
+
+
+def test_gated_mlp_up_to_down_is_a_site_and_activations_are_not():
+    from effcc.analysis.channel_map import linear_pairs
+
+    llama = capture(build("llama"), (token_ids(),))
+    pairs = [(p.first.weight.target, p.second.weight.target) for p in linear_pairs(llama.graph)]
+    assert pairs == [(f"model.layers.{i}.mlp.up_proj.weight", f"model.layers.{i}.mlp.down_proj.weight") for i in range(2)]
+    assert not linear_pairs(capture(build("opt"), (token_ids(),)).graph)  # fc1 → ReLU → fc2: not channel-wise linear

@@ -93,3 +93,47 @@ def channel_map(gm: fx.GraphModule, site: AttentionSite, args: tuple, kwargs: di
     if not torch.allclose(rows, mapping.expand_as(rows), atol=1e-6) or mapping.min() < 0:
         return None
     return mapping.long()
+
+
+@dataclass
+class LinearPair:
+    """`first`'s output reaches `second`'s input channel for channel, through views and
+    elementwise products only (a gated MLP's up → down): scaling first's output channel j by
+    1/s_j and second's input channel j by s_j changes nothing."""
+
+    first: Linear
+    second: Linear
+
+
+def linear_pairs(graph: fx.Graph) -> list[LinearPair]:
+    pairs = []
+    for node in graph.nodes:
+        second = match_linear(node)
+        if second is None or not isinstance(second.input, fx.Node):
+            continue
+        first = _channelwise_source(second.input, second.node)
+        if first is not None:
+            pairs.append(LinearPair(first, second))
+    return pairs
+
+
+def _channelwise_source(node: fx.Node, reader: fx.Node) -> Linear | None:
+    """The linear whose output reaches `reader` through views and elementwise products alone."""
+    from .graph import is_transparent, value_of
+
+    if _users(node) != [reader]:
+        return None  # someone else reads this value: scaling it would change them
+    lin = match_linear(node)
+    if lin is not None:
+        return lin
+    if is_transparent(node):
+        return _channelwise_source(node.args[0], node)
+    if node.target is aten.mul.Tensor:
+        out = value_of(node)
+        for operand in node.args:
+            val = value_of(operand) if isinstance(operand, fx.Node) else None
+            if val is not None and out is not None and tuple(val.shape) == tuple(out.shape):
+                found = _channelwise_source(operand, node)
+                if found is not None:
+                    return found
+    return None

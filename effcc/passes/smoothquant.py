@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from ..analysis import Linear, Norm, describe, linears_reading, match_norm
-from ..analysis.channel_map import attention_sites, channel_map
+from ..analysis.channel_map import attention_sites, channel_map, linear_pairs
 from ..analysis.graph import IGNORED_READERS, is_transparent
 from ..calibrate import activation_stats
 from ..ops.quantized_linear import dequantize_int4, fake_quant_w8a8, quantize_weight_int4
@@ -53,6 +53,7 @@ class SmoothQuant(Pass):
     alpha: float | str = 0.5  # or "auto": per site, the α in 0, 0.05, …, 1 with the least W8A8 output error
     post_ln: bool = True  # smooth norms also read by a residual add, multiplying that path back by s
     attention: bool = True  # also migrate V projection → output projection through attention
+    linear_pairs: bool = True  # and linear → linear through elementwise products (gated MLP up → down)
 
     def apply(self, program: Program, log: SiteLog) -> None:
         if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
@@ -71,6 +72,29 @@ class SmoothQuant(Pass):
             log.change(describe(site.norm.node), f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] migrated into {_names(site)}{_restored(site)}")
         if self.attention:
             self.smooth_attention(program, log)
+        if self.linear_pairs:
+            self.smooth_linear_pairs(program, log)
+
+    def smooth_linear_pairs(self, program: Program, log: SiteLog) -> None:
+        """first → (views, elementwise products) → second: first's output channel ÷ s, second's input × s."""
+        pairs = linear_pairs(program.graph)
+        if not pairs:
+            return
+        keep = SEARCH_ROWS if self.alpha == "auto" else 0
+        stats = activation_stats(program, [pair.second.input for pair in pairs], program.calibration, description=f"{self.name}: linear pairs", keep_rows=keep)
+        for pair in pairs:
+            act, w = stats[pair.second.input], oriented_weight(program, pair.second)
+            columns = [w.abs().amax(dim=0)]
+            if self.alpha == "auto":
+                alpha = min(ALPHA_GRID, key=lambda a: self.error(act.sample, [w], smoothing_scale(act.absmax, columns, a)))
+            else:
+                alpha = float(self.alpha)
+            s = smoothing_scale(act.absmax, columns, alpha)
+            scale_output_channels(program, pair.first, 1 / s)
+            scale_input_channels(program, pair.second, s)
+            chosen = f"α = {alpha:.2f} (searched), " if self.alpha == "auto" else ""
+            first, second = (describe(lin.node).split(" (")[0] for lin in (pair.first, pair.second))
+            log.change(describe(pair.second.node), f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] from {first} into {second}")
 
     def error(self, x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor) -> float:
         """What the α search minimises: the site's output error under the quantisation that follows."""
@@ -108,14 +132,11 @@ class SmoothQuant(Pass):
             else:
                 alpha = float(self.alpha)
             s = scale(alpha)
-            v = site.value
-            _scale_stored(program, v.weight_reader, v.weight, 1 / s, 1 if v.transposed else 0)
-            if v.bias is not None:
-                _scale_stored(program, v.node, v.bias, 1 / s, 0)
+            scale_output_channels(program, site.value, 1 / s)
             scale_input_channels(program, site.output, s[mapping])
             shared = " (grouped-query: V channels shared by heads)" if len(mapping) > len(set(mapping.tolist())) else ""
             chosen = f"α = {alpha:.2f} (searched), " if self.alpha == "auto" else ""
-            log.change(describe(site.attention), f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] from {describe(v.node).split(' (')[0]} into {describe(site.output.node).split(' (')[0]}{shared}")
+            log.change(describe(site.attention), f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] from {describe(site.value.node).split(' (')[0]} into {describe(site.output.node).split(' (')[0]}{shared}")
 
 
 ALPHA_GRID = [round(0.05 * i, 2) for i in range(21)]
@@ -290,6 +311,12 @@ def scale_norm(program: Program, norm: Norm, factor: torch.Tensor) -> None:
     for attr in (norm.gamma, norm.beta):
         if attr is not None:  # both are read by the norm node itself (checked in smoothing_sites)
             _scale_stored(program, norm.node, attr, factor, 0)
+
+
+def scale_output_channels(program: Program, lin: Linear, factor: torch.Tensor) -> None:
+    _scale_stored(program, lin.weight_reader, lin.weight, factor, 1 if lin.transposed else 0)
+    if lin.bias is not None:
+        _scale_stored(program, lin.node, lin.bias, factor, 0)
 
 
 def scale_input_channels(program: Program, lin: Linear, factor: torch.Tensor) -> None:
