@@ -19,7 +19,9 @@ def _calibration(n=3):
 # (architecture, sites smoothed, sites refused): norm → linears sites, plus V → output projection
 # through each attention (GPT-2's fused q/k/v projection is refused; BLOOM has no SDPA node).
 # LLaMA also has up_proj → down_proj through the gate's elementwise product.
-CASES = [("opt", 7, 0), ("bloom", 5, 0), ("llama", 9, 0), ("gpt2", 5, 2), ("bert", 8, 0)]
+# Refusals: fused q/k/v (GPT-2), and fc1 → activation → fc2 in every MLP without a gate (BLOOM writes
+# their GELU out op by op, as does GPT-2: those pairs are left alone without a refusal line).
+CASES = [("opt", 7, 2), ("bloom", 5, 0), ("llama", 9, 0), ("gpt2", 5, 2), ("bert", 8, 2)]
 
 
 @pytest.mark.parametrize("arch,smoothed,refused", CASES, ids=[c[0] for c in CASES])
@@ -167,6 +169,10 @@ def test_gated_mlp_up_to_down_is_a_site_and_activations_are_not():
     from effcc.analysis.channel_map import linear_pairs
 
     llama = capture(build("llama"), (token_ids(),))
-    pairs = [(p.first.weight.target, p.second.weight.target) for p in linear_pairs(llama.graph)]
-    assert pairs == [(f"model.layers.{i}.mlp.up_proj.weight", f"model.layers.{i}.mlp.down_proj.weight") for i in range(2)]
-    assert not linear_pairs(capture(build("opt"), (token_ids(),)).graph)  # fc1 → ReLU → fc2: not channel-wise linear
+    pairs, _ = linear_pairs(llama.graph)
+    assert [(p.first.weight.target, p.second.weight.target) for p in pairs] == [
+        (f"model.layers.{i}.mlp.up_proj.weight", f"model.layers.{i}.mlp.down_proj.weight") for i in range(2)
+    ]
+    opt_pairs, refused = linear_pairs(capture(build("opt"), (token_ids(),)).graph)
+    assert not opt_pairs  # fc1 → ReLU → fc2 is not channel-wise linear, and that is said
+    assert len(refused) == 2 and all("relu" in why for _, why in refused)

@@ -105,8 +105,11 @@ class LinearPair:
     second: Linear
 
 
-def linear_pairs(graph: fx.Graph) -> list[LinearPair]:
-    pairs = []
+def linear_pairs(graph: fx.Graph) -> tuple[list[LinearPair], list[tuple[fx.Node, str]]]:
+    """(pairs, refusals): a refusal is a linear fed by another through a non-linear function."""
+    from .graph import source_of
+
+    pairs, refused = [], []
     for node in graph.nodes:
         second = match_linear(node)
         if second is None or not isinstance(second.input, fx.Node):
@@ -114,7 +117,12 @@ def linear_pairs(graph: fx.Graph) -> list[LinearPair]:
         first = _channelwise_source(second.input, second.node)
         if first is not None:
             pairs.append(LinearPair(first, second))
-    return pairs
+            continue
+        between = source_of(second.input)
+        if between.op == "call_function" and between.args and isinstance(between.args[0], fx.Node) and match_linear(source_of(between.args[0])):
+            op = getattr(between.target, "__name__", str(between.target))
+            refused.append((node, f"its input comes from a linear through {op}, which a 1/s cannot pass exactly"))
+    return pairs, refused
 
 
 def _channelwise_source(node: fx.Node, reader: fx.Node) -> Linear | None:

@@ -77,7 +77,9 @@ class SmoothQuant(Pass):
 
     def smooth_linear_pairs(self, program: Program, log: SiteLog) -> None:
         """first → (views, elementwise products) → second: first's output channel ÷ s, second's input × s."""
-        pairs = linear_pairs(program.graph)
+        pairs, refused = linear_pairs(program.graph)
+        for node, why in refused:
+            log.skip(describe(node), why)
         if not pairs:
             return
         keep = SEARCH_ROWS if self.alpha == "auto" else 0
