@@ -19,8 +19,8 @@ def _calibration(n=3):
 # (architecture, sites smoothed, sites refused): norm → linears sites, plus V → output projection
 # through each attention (GPT-2's fused q/k/v projection is refused; BLOOM has no SDPA node).
 # LLaMA also has up_proj → down_proj through the gate's elementwise product.
-# Refusals: fused q/k/v (GPT-2), and fc1 → activation → fc2 in every MLP without a gate (BLOOM writes
-# their GELU out op by op, as does GPT-2: those pairs are left alone without a refusal line).
+# Refusals: fused q/k/v (GPT-2), and fc1 → activation → fc2 in every MLP without a gate (BLOOM and
+# GPT-2 write their GELU out op by op: those pairs are left alone without a refusal line).
 CASES = [("opt", 7, 2), ("bloom", 5, 0), ("llama", 9, 0), ("gpt2", 5, 2), ("bert", 8, 2)]
 
 
