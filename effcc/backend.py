@@ -20,7 +20,8 @@ from torch import fx, nn
 
 from .capture import detach_from_caller, export
 from .errors import EffccError
-from .passes import Pass, SiteLog, default_passes, make_pass
+from .passes import Pass, default_passes, make_pass
+from .pipeline import apply_pass
 from .program import Program
 
 # No handler of our own: warnings reach stderr through logging's last resort, and an
@@ -194,9 +195,7 @@ def _dynamic_dims(fake):
 def apply_passes(program: Program, passes: list[Pass]) -> str:
     parts = []
     for p in passes:
-        sites = SiteLog()
-        p.apply(program, sites)
-        program.recompile()
+        sites = apply_pass(program, p)
         parts.append(f"{p.name}: {len(sites.changed)} changed, {len(sites.skipped)} skipped")
         for site in sites.skipped:
             log.info("effcc: %s skipped %s: %s", p.name, site.where, site.detail)

@@ -80,7 +80,7 @@ def activation_stats(
     keep_rows: also keep the first that many rows (tokens) of each value, for error searches."""
     watched = set(nodes)
     stats: dict[fx.Node, ChannelStats] = {}
-    batches = list(batches) if not isinstance(batches, list) else batches
+    batches = list(batches)
     if not batches:
         raise EffccError("calibration data is empty: give at least one batch, e.g. calibration=[(ids,)]")
     with Progress(transient=True) as progress:

@@ -35,6 +35,14 @@ def check_pass_list(passes: list[Pass]) -> None:
         raise EffccError(f"pass {', '.join(map(repr, repeated))} is asked for more than once; name each pass once")
 
 
+def apply_pass(program: Program, p: Pass) -> SiteLog:
+    """Run one pass on `program` and tidy the graph; what it changed and skipped comes back."""
+    log = SiteLog()
+    p.apply(program, log)
+    program.recompile()
+    return log
+
+
 def run_passes(model: nn.Module, program: Program, passes: list[Pass], *, verify: bool = True) -> Report:
     """Apply `passes` to `program` in order (it is modified); `model` is the untouched original."""
     check_pass_list(passes)
@@ -55,9 +63,7 @@ def run_passes(model: nn.Module, program: Program, passes: list[Pass], *, verify
     dtype = storage_dtype(program)
     for p in passes:
         start = time.perf_counter()
-        log = SiteLog()
-        p.apply(program, log)
-        program.recompile()
+        log = apply_pass(program, p)
         comparison = _check(program, reference) if verify else None
         rtol = p.rtol(dtype)
         report.passes.append(PassResult(p.name, p.guarantee, log.changed, log.skipped, comparison, rtol, time.perf_counter() - start))

@@ -31,14 +31,6 @@ class Report:
     passes: list[PassResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def changed(self) -> int:
-        return sum(len(p.changed) for p in self.passes)
-
-    @property
-    def skipped(self) -> int:
-        return sum(len(p.skipped) for p in self.passes)
-
     def __rich__(self):
         seconds = sum(p.seconds for p in self.passes)
         table = Table(title=f"effcc: {self.model} ({seconds:.1f}s in passes)", title_justify="left", expand=False)

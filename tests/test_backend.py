@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import build, token_ids
 
-import effcc
 
 # Inductor on CPU vs eager, float32: kernel order differs, nothing else.
 COMPILE_ATOL = 1e-5
@@ -119,7 +118,6 @@ def test_backend_is_found_without_importing_effcc():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
-    assert "effcc" in effcc.__name__
 
 
 def test_crmsnorm_through_torch_compile_with_dynamic_shapes(caplog):

@@ -1,7 +1,6 @@
 """The `effcc` command line."""
 
 import subprocess
-import sys
 
 import pytest
 
@@ -59,4 +58,4 @@ def test_console_script_demo_runs(tmp_path):
     assert (tmp_path / "tiny_gpt.onnx").exists()
     text = " ".join(done.stdout.split())
     assert "ONNX Runtime vs original" in text and "fold_norm_affine" in text
-    assert "Traceback" not in done.stderr and sys.executable
+    assert "Traceback" not in done.stderr

@@ -1,6 +1,6 @@
 """Graph facts the passes share: what a node is (linear, norm), who reads it, residual streams."""
 
-from .graph import constant_value, describe, real_users, to_networkx
+from .graph import constant_value, describe, real_users
 from .patterns import Linear, Norm, linears_reading, match_linear, match_norm
 from .residual import ResidualStream, residual_streams
 
@@ -15,5 +15,4 @@ __all__ = [
     "match_norm",
     "real_users",
     "residual_streams",
-    "to_networkx",
 ]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_flatten
 
 from ..verify import default_dtype, promote_graph_module, to_float64
 from .graph import IGNORED_READERS
@@ -81,8 +82,6 @@ def channel_map(gm: fx.GraphModule, site: AttentionSite, args: tuple, kwargs: di
     """m with o_in[j] = v_out[m[j]] for every input channel j of the output projection, or None."""
     promoted = promote_graph_module(gm)
     runner = _ChannelNumbers(promoted, site.value.node.name, site.output.node.name)
-    from torch.utils._pytree import tree_flatten
-
     flat, _ = tree_flatten((to_float64(args), to_float64(kwargs or {})))
     with default_dtype(torch.float64):
         runner.run(*[a for a in flat if isinstance(a, torch.Tensor)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import networkx as nx
 import torch
 from torch import fx
 
@@ -122,11 +121,3 @@ def describe(node: fx.Node) -> str:
         if path:
             return f"{path} ({type_name}, node {node.name})"
     return f"node {node.name}"
-
-
-def to_networkx(graph: fx.Graph) -> nx.DiGraph:
-    """The data-flow graph as networkx (nodes are fx Nodes), for path and component queries."""
-    g = nx.DiGraph()
-    g.add_nodes_from(graph.nodes)
-    g.add_edges_from((src, node) for node in graph.nodes for src in node.all_input_nodes)
-    return g

@@ -27,9 +27,9 @@ class Linear:
     bias: fx.Node | None
     transposed: bool
 
-    @property
-    def bias_arg_index(self) -> int | None:
-        return {aten.linear.default: 2, aten.addmm.default: 0}.get(self.node.target)
+    def oriented(self, stored: torch.Tensor) -> torch.Tensor:
+        """The stored weight as [out, in], whichever way round it is kept."""
+        return stored.t() if self.transposed else stored
 
 
 def _stored(node) -> tuple[fx.Node, fx.Node, bool] | None:

@@ -82,19 +82,20 @@ def fold_into_linear(program: Program, lin: Linear, gamma, beta, then=None) -> b
     `then` maps the folded [out, in] weight further (Pre-CRMSNorm folds its expansion so)."""
     weight_name = program.private_tensor(lin.weight_reader, lin.weight)
     weight = program.tensor(weight_name)
-    w = weight.double().t() if lin.transposed else weight.double()  # [out, in]
+    w = lin.oriented(weight.double())  # [out, in]
     shift = w @ beta if beta is not None else None
     if gamma is not None:
         w = w * gamma
     if then is not None:
         w = then(w)
-    program.set_tensor(weight_name, (w.t() if lin.transposed else w).to(weight.dtype).contiguous())
+    program.set_tensor(weight_name, lin.oriented(w).to(weight.dtype).contiguous())  # back to the stored layout
     if shift is not None:
-        _add_to_bias(program, lin, shift, weight.dtype)
+        add_to_bias(program, lin, shift, weight.dtype)
     return weight_name != lin.weight.target
 
 
-def _add_to_bias(program: Program, lin: Linear, shift: torch.Tensor, dtype: torch.dtype) -> None:
+def add_to_bias(program: Program, lin: Linear, shift: torch.Tensor, dtype: torch.dtype) -> None:
+    """b ← b + shift for one linear, adding a bias where it has none."""
     if lin.bias is not None:
         name = program.private_tensor(lin.node, lin.bias)
         old = program.tensor(name)

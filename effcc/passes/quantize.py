@@ -33,11 +33,6 @@ def quantizable_linears(program: Program, log: SiteLog, include_output_layers: b
     return found
 
 
-def _weight(program: Program, lin: Linear) -> torch.Tensor:
-    w = program.tensor(lin.weight.target)
-    return w.t() if lin.transposed else w  # [out, in]
-
-
 def _replace(program: Program, lin: Linear, op, stored: dict, extra: tuple = ()) -> None:
     """lin.node → op(x, *stored tensors, *extra, bias) with the same output."""
     base = lin.weight.target
@@ -68,7 +63,7 @@ class QuantizeW8A8(_Quantize):
 
     def apply(self, program: Program, log: SiteLog) -> None:
         for lin in quantizable_linears(program, log, self.include_output_layers):
-            w = _weight(program, lin)
+            w = lin.oriented(program.tensor(lin.weight.target))  # [out, in]
             qweight, scale = q.quantize_weight_int8(w)
             error = ((qweight.double() * scale.double()[:, None] - w.double()).abs().max() / w.double().abs().max()).item()
             _replace(program, lin, torch.ops.effcc.w8a8_linear.default, {"int8": qweight, "scale": scale})
@@ -84,7 +79,7 @@ class QuantizeW4A16(_Quantize):
 
     def apply(self, program: Program, log: SiteLog) -> None:
         for lin in quantizable_linears(program, log, self.include_output_layers):
-            w = _weight(program, lin)
+            w = lin.oriented(program.tensor(lin.weight.target))  # [out, in]
             if w.shape[1] % self.group_size or self.group_size % 2:
                 log.skip(describe(lin.node), f"{w.shape[1]} input features are not a multiple of group_size={self.group_size}")
                 continue

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..analysis import Linear, Norm, describe, linears_reading, match_norm
+from ..analysis import Linear, Norm, describe, linears_reading, match_norm, real_users
 from ..analysis.channel_map import attention_sites, channel_map, linear_pairs
 from ..analysis.graph import IGNORED_READERS, is_transparent
 from ..calibrate import activation_stats
@@ -31,7 +31,7 @@ from ..errors import EffccError
 from ..program import Program
 from . import register_pass
 from .base import Guarantee, Pass, SiteLog
-from .fold_norm_affine import _add_to_bias
+from .fold_norm_affine import add_to_bias
 
 
 @dataclass
@@ -165,8 +165,7 @@ def _restored(site) -> str:
 
 def oriented_weight(program: Program, lin: Linear) -> torch.Tensor:
     """W as [out, in] in float64, whatever way it is stored."""
-    w = program.tensor(lin.weight.target).double()
-    return w.t() if lin.transposed else w
+    return lin.oriented(program.tensor(lin.weight.target).double())
 
 
 def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, z: torch.Tensor | None = None) -> float:
@@ -212,7 +211,7 @@ def migrate(program: Program, site, s: torch.Tensor, z: torch.Tensor | None = No
     """The norm outputs (X − z) / s; each linear gets W·diag(s) and b + W z; other readers get X back."""
     if z is not None:
         for lin in site.linears:
-            _add_to_bias(program, lin, oriented_weight(program, lin) @ z, program.tensor(lin.weight.target).dtype)
+            add_to_bias(program, lin, oriented_weight(program, lin) @ z, program.tensor(lin.weight.target).dtype)
         _shift_norm(program, site.norm, z)
     scale_norm(program, site.norm, 1 / s)
     for lin in site.linears:
@@ -248,8 +247,6 @@ def _paths_to(node: fx.Node, others: set[fx.Node]) -> list[tuple[fx.Node, fx.Nod
     """(user, value it reads) for every edge after which only `others` read the norm's output.
 
     Looks through views/dropout shared by both kinds of reader; None if no such cut exists."""
-    from ..analysis import real_users
-
     chosen = []
     for user in list(node.users):
         if user.target in IGNORED_READERS:
