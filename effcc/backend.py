@@ -67,9 +67,12 @@ def effcc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         return compile_fx(gm, example_inputs)
     summary = apply_passes(program, passes)
     if options.get("kernels", True) and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
-        from .backends.triton.lowering import lower_rms_norms
+        from .backends.triton.lowering import lower_quantized_linears, lower_rms_norms
 
         summary += f"; {lower_rms_norms(program.gm)} norm(s) on effcc Triton kernels"
+        w8a8 = lower_quantized_linears(program.gm)
+        if w8a8:
+            summary += f"; {w8a8} W8A8 linear(s) on effcc's int8 GEMM"
     log.info("effcc: applied %s", summary)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     compiled = compile_fx(inductor_ready(program.gm), [_traced(placeholders[i], example_inputs[i]) for i in user_inputs])

@@ -8,6 +8,12 @@ W4A16  weight as unsigned 4-bit codes in groups of `group_size` along the input 
        even input column in the low nibble: qweight uint8 [out, in / 2]; scales [out, in / g]
        (the model's dtype), zeros uint8 [out, in / g].  Activations stay in the model's dtype.
 These layouts are what the fast kernels consume; these functions are their reference.
+
+The ops run the reference on the CPU (and for float64 inputs, as in effcc's verification)
+and effcc's Triton kernels (effcc.backends.triton.quantized_linear) on CUDA.  The
+torch.compile backend splits w8a8_linear into per-token quantisation written in ATen ops,
+which Inductor fuses into whatever produces the activation, and `int8_linear`, the int8
+GEMM with its rescale, bias and cast fused.
 """
 
 from __future__ import annotations
@@ -40,8 +46,7 @@ def fake_quant_w8a8(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return xq.double() * xs.double(), wq.double() * ws.double()[:, None]
 
 
-@custom_op("effcc::w8a8_linear", mutates_args=())
-def w8a8_linear(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+def w8a8_linear_reference(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
     xq, xs = quantize_per_token_int8(x)
     # int8 × int8 sums are integers below 2^53: float64 holds them exactly, as int32 would.
     acc = xq.double() @ qweight.double().t()
@@ -51,9 +56,64 @@ def w8a8_linear(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Tensor |
     return y.to(x.dtype)
 
 
+w8a8_linear = custom_op("effcc::w8a8_linear", w8a8_linear_reference, mutates_args=())
+
+
 @w8a8_linear.register_fake
 def _(x, qweight, weight_scale, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _on_kernels(x: Tensor) -> bool:
+    """float64 (effcc's verification) stays on the reference; the kernels take 16/32-bit floats."""
+    return x.dtype != torch.float64
+
+
+@w8a8_linear.register_kernel("cuda")
+def _(x, qweight, weight_scale, bias):
+    if not _on_kernels(x):
+        return w8a8_linear_reference(x, qweight, weight_scale, bias)
+    from ..backends.triton import quantized_linear as kernels
+
+    xq, xs = kernels.quantize_rows(_rows(x))
+    return kernels.int8_linear(xq, xs, qweight, weight_scale, bias, x.dtype).view(*x.shape[:-1], -1)
+
+
+def quantize_per_token_int8_f32(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token quantisation as the kernels do it (float32 arithmetic): (int8, float32 [..., 1]).
+
+    Written in ATen ops so that a compiler can fuse it into the op producing x."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
+    return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_linear_reference(xq: Tensor, x_scale: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """(xq int8 [..., in], x_scale float32 [..., 1]) × (qweight int8 [out, in], weight_scale [out]) + bias."""
+    y = (xq.double() @ qweight.double().t()) * x_scale.double() * weight_scale.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(out_dtype)
+
+
+int8_linear = custom_op("effcc::int8_linear", int8_linear_reference, mutates_args=())
+
+
+@int8_linear.register_fake
+def _(xq, x_scale, qweight, weight_scale, bias, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], qweight.shape[0]), dtype=out_dtype)
+
+
+@int8_linear.register_kernel("cuda")
+def _(xq, x_scale, qweight, weight_scale, bias, out_dtype):
+    from ..backends.triton import quantized_linear as kernels
+
+    y = kernels.int8_linear(_rows(xq), x_scale.reshape(-1).float().contiguous(), qweight, weight_scale, bias, out_dtype)
+    return y.view(*xq.shape[:-1], -1)
 
 
 # ---- W4A16 --------------------------------------------------------------------------------------
@@ -76,12 +136,23 @@ def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: 
     return ((groups - zeros.double()[..., None]) * scales.double()[..., None]).reshape(q.shape)
 
 
-@custom_op("effcc::w4a16_linear", mutates_args=())
-def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None) -> Tensor:
+def w4a16_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None) -> Tensor:
     w = dequantize_int4(qweight, scales, zeros, group_size).to(x.dtype)
     return torch.nn.functional.linear(x, w, bias)
+
+
+w4a16_linear = custom_op("effcc::w4a16_linear", w4a16_linear_reference, mutates_args=())
 
 
 @w4a16_linear.register_fake
 def _(x, qweight, scales, zeros, group_size, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@w4a16_linear.register_kernel("cuda")
+def _(x, qweight, scales, zeros, group_size, bias):
+    from ..backends.triton import quantized_linear as kernels
+
+    if not _on_kernels(x) or not kernels.takes_group_size(group_size):
+        return w4a16_linear_reference(x, qweight, scales, zeros, group_size, bias)
+    return kernels.int4_linear(_rows(x), qweight, scales, zeros, group_size, bias).view(*x.shape[:-1], -1)

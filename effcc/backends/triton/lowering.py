@@ -1,8 +1,13 @@
-"""Lower ATen norms of a rewritten program to effcc's Triton ops, for torch.compile on CUDA.
+"""Lower a rewritten program to effcc's Triton ops, for torch.compile on CUDA.
 
     rms_norm(x, [d], γ, ε) (+ β)            → effcc::rms_norm_fwd(x, γ, β, ε)
     rms_norm(a + b, [d], γ, ε) (+ β)        → effcc::add_rms_norm_fwd(a, b, γ, β, ε)
                                                 (the sum is an output too: the stream goes on)
+    w8a8_linear(x, W, s_W, b)               → xq, s_x = per-token quantisation of x (ATen ops,
+                                                once per x however many linears read it: Inductor
+                                                fuses it into the op that produces x)
+                                              effcc::int8_linear(xq, s_x, W, s_W, b)
+w4a16_linear needs no lowering: on CUDA the op runs its Triton kernel.
 Everything else is left to Inductor.
 """
 
@@ -69,6 +74,33 @@ def lower_rms_norms(gm: fx.GraphModule, device_types=("cuda",)) -> int:
                 graph.erase_node(dead)
         if fuse and not x.users:
             graph.erase_node(x)
+        lowered += 1
+    graph.lint()
+    gm.recompile()
+    return lowered
+
+
+def lower_quantized_linears(gm: fx.GraphModule, device_types=("cuda",)) -> int:
+    """Split each W8A8 linear into a shared activation quantisation and the int8 GEMM; returns how many."""
+    from ...ops import quantized_linear as q
+
+    graph = gm.graph
+    quantized = {}  # activation node → (codes, scales) nodes
+    lowered = 0
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.effcc.w8a8_linear.default)):
+        x, qweight, weight_scale, bias = node.args
+        val = value_of(node)
+        if val is None or val.device.type not in device_types or val.dtype == torch.float64:
+            continue
+        with graph.inserting_before(node):  # nodes are visited in order: the first reader of x
+            if x not in quantized:
+                pair = graph.call_function(q.quantize_per_token_int8_f32, (x,))
+                quantized[x] = (graph.call_function(operator.getitem, (pair, 0)), graph.call_function(operator.getitem, (pair, 1)))
+            codes, scales = quantized[x]
+            call = graph.call_function(torch.ops.effcc.int8_linear.default, (codes, scales, qweight, weight_scale, bias, val.dtype))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
         lowered += 1
     graph.lint()
     gm.recompile()

@@ -1,0 +1,389 @@
+"""Triton kernels for effcc's quantised linears (layouts: effcc.ops.quantized_linear).
+
+quantize_rows      x [M, K] float → int8 codes [M, K] and one float32 scale per row
+                   (symmetric, absmax / 127): one program per row, the row in registers.
+int8_linear        int8 [M, K] × int8 [N, K]ᵀ → int32 on the tensor cores, tiles brought in
+                   by the tensor memory accelerator (TMA descriptors); the epilogue rescales
+                   by row scale × channel scale, adds the bias and casts, so the int32
+                   product never reaches memory.
+int4_linear        x [M, K] (bf16 / fp16 / fp32) × 4-bit weight codes [N, K / 2] with a scale
+                   and zero point per group of the input dimension.  Per group g and tile:
+                       Σ_k x_k (q_k − z) s = s · (Σ_k x_k q_k − z · Σ_k x_k)
+                   so the inner loop only turns codes into the activation's type (an OR and a
+                   OR: 0x4300 | q is the bfloat16 128 + q, 0x6400 | q the float16 1024 + q;
+                   the offset joins the zero point) and multiplies on the tensor cores;
+                   scale and zero point are applied once per group.  Even and odd input columns are two half-width
+                   products (x[:, 0::2] with the low nibbles, x[:, 1::2] with the high ones),
+                   so the codes are never interleaved in registers.  For few tokens (decode)
+                   the input dimension can be split over programs (SPLIT_K) to fill the GPU;
+                   the partial sums are added afterwards.
+
+Both GEMMs are autotuned per (N, K, M bucket).  Under TRITON_INTERPRET=1 (CPU tests) each
+has one small configuration so that tests stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton's interpreter multiplies bfloat16 matrices wrongly (3.9: off by 1e10); there the
+# int4 kernel's products run on float32 copies of the same exact values.
+
+
+def _configs(full: list[dict], small: dict) -> list[triton.Config]:
+    chosen = [small] if INTERPRETING else full
+    out = []
+    for c in chosen:
+        c = dict(c)
+        warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 3)
+        out.append(triton.Config(c, num_warps=warps, num_stages=stages))
+    return out
+
+
+def m_bucket(m: int) -> int:
+    """Autotuning key for the token count: decode sizes exactly, then powers of two."""
+    return m if m <= 16 else min(triton.next_power_of_2(m), 4096)
+
+
+# ---- per-token int8 quantisation ----------------------------------------------------------------
+@triton.jit
+def _quantize_rows_kernel(X, Q, S, stride_x, stride_q, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.0, 1e-12)
+    q = _round_half_even(x / scale)
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    tl.store(Q + row * stride_q + cols, q.to(tl.int8), mask=mask)
+    tl.store(S + row, scale)
+
+
+@triton.jit
+def _round_half_even(v):
+    """torch.round's rounding, in plain arithmetic (the interpreter has no rint)."""
+    r = tl.floor(v + 0.5)
+    tie_to_odd = ((r - v) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) == 1.0)
+    return tl.where(tie_to_odd, r - 1.0, r)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] → (int8 [M, K], float32 scales [M])."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m:
+        block = triton.next_power_of_2(k)
+        _quantize_rows_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), k, BLOCK=block, num_warps=min(max(block // 512, 1), 16))
+    return q, s
+
+
+# ---- int8 × int8 GEMM with the rescale fused ------------------------------------------------------
+def _set_tile_boxes(nargs):
+    """Tensor-memory-accelerator loads copy one tile per request: its box is the config's tile."""
+    nargs["A"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["B"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _int8_configs() -> list[triton.Config]:
+    full = [
+        (128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
+        (64, 128, 128, 8, 4, 4), (64, 64, 128, 8, 4, 5), (64, 256, 128, 8, 8, 3),  # small M (decode)
+    ]
+    small = [(16, 32, 32, 1, 4, 2)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}, num_warps=w, num_stages=st, pre_hook=_set_tile_boxes)
+        for bm, bn, bk, gm, w, st in (small if INTERPRETING else full)
+    ]
+
+
+@triton.autotune(configs=_int8_configs(), key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _int8_linear_kernel(
+    A, B, A_SCALE, B_SCALE, BIAS, C,
+    M, N, K, M_BUCKET, stride_cm,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row blocks share each column block while it is in L2.
+    pid = tl.program_id(0)
+    blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+
+    # A and B are tensor descriptors (TMA): tiles past the edges read as zeros.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, K, BLOCK_K):
+        a = A.load([off_m, k])
+        b = B.load([off_n, k])  # [BLOCK_N, BLOCK_K]: the weight as stored, K contiguous
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    a_scale = tl.load(A_SCALE + rm, mask=rm < M, other=0.0)
+    b_scale = tl.load(B_SCALE + rn, mask=rn < N, other=0.0)
+    out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    if HAS_BIAS:
+        out += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = C + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
+    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _pad_columns(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """TMA needs rows that start on 16-byte boundaries: zero columns add nothing to the products."""
+    extra = -t.shape[1] % multiple
+    return torch.nn.functional.pad(t, (0, extra)) if extra else t
+
+
+def int8_linear(xq, x_scale, qweight, weight_scale, bias, out_dtype) -> torch.Tensor:
+    """(xq int8 [M, K], x_scale f32 [M], qweight int8 [N, K], weight_scale f32 [N], bias [N]|None) → [M, N]."""
+    m, k = xq.shape
+    n = qweight.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return out
+    xq, qweight = _pad_columns(xq.contiguous(), 16), _pad_columns(qweight.contiguous(), 16)
+    placeholder_box = [16, 16]  # replaced by each config's tile before launch (_set_tile_boxes)
+    a = TensorDescriptor.from_tensor(xq, placeholder_box)
+    b = TensorDescriptor.from_tensor(qweight, placeholder_box)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _int8_linear_kernel[grid](
+        a, b, x_scale, weight_scale, bias if bias is not None else weight_scale, out,
+        m, n, xq.shape[1], m_bucket(m), out.stride(0), HAS_BIAS=bias is not None,
+    )
+    return out
+
+
+# ---- 4-bit weights, 16-bit activations -----------------------------------------------------------
+@triton.jit
+def _finish(acc, pid_k, rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm,
+            HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write acc (+ bias) as the output; with a split input dimension, add the splits first.
+
+    Every split leaves its partial sum; the last program of a tile to arrive (counted with an
+    acquire/release atomic) adds them up and writes the output: one launch, no output memset."""
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    last = True
+    if SPLIT_K > 1:
+        offsets = rm[:, None] * N + rn[None, :]
+        tl.store(PARTIAL + pid_k * M * N + offsets, acc, mask=mask)
+        tl.debug_barrier()
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        last = tl.atomic_add(ARRIVED + tile, 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in range(SPLIT_K):
+                acc += tl.load(PARTIAL + split * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(C + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_range(K, GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
+    groups = K // GROUP
+    per_split = tl.cdiv(groups, SPLIT_K)
+    start = tl.program_id(2) * per_split
+    return start, tl.minimum(start + per_split, groups)
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    X, QW, SCALES, ZEROS, BIAS, C, PARTIAL, ARRIVED,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_cm,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """1-4 tokens: CUDA-core FMAs on codes read as 32-bit words (8 codes each), bound by the weight stream."""
+    WORDS: tl.constexpr = GROUP // 8
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, WORDS)
+    m_ok, n_ok = rm < M, rn < N
+    g_start, g_end = _group_range(K, GROUP, SPLIT_K)
+    w_ptrs = QW + rn[:, None].to(tl.int64) * stride_qn + g_start * WORDS + rw[None, :]  # int32 words [BLOCK_N, WORDS]
+    x_ptrs = X + rm[:, None].to(tl.int64) * stride_xm + g_start * GROUP + 8 * rw[None, :]  # [BLOCK_M, WORDS]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(g_start, g_end):
+        words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
+        part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for j in tl.static_range(8):  # input column 8·w + j is nibble j of word w
+            # 0x4B000000 | q is the float 2²³ + q: an exact conversion with an OR and a subtraction
+            code = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            xj = tl.load(x_ptrs + j, mask=m_ok[:, None], other=0.0).to(tl.float32)
+            part += code[None, :, :] * xj[:, None, :]
+            x_sum += tl.sum(xj, axis=1)
+        scale = tl.load(SCALES + rn.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        zero = tl.load(ZEROS + rn.to(tl.int64) * stride_zn + g, mask=n_ok, other=0).to(tl.float32)
+        acc += (tl.sum(part, axis=2) - x_sum[:, None] * zero[None, :]) * scale[None, :]
+        w_ptrs += WORDS
+        x_ptrs += GROUP
+    _finish(acc, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _int4_mma_kernel(
+    X, QW, SCALES, ZEROS, BIAS, C, PARTIAL, ARRIVED,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_cm,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """5-16 tokens: tensor-core products of one 16-row tile with the codes, scale per group."""
+    HALF: tl.constexpr = GROUP // 2
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rh = tl.arange(0, HALF)
+    m_ok, n_ok = rm < M, rn < N
+    g_start, g_end = _group_range(K, GROUP, SPLIT_K)
+    x_ptrs = X + rm[:, None].to(tl.int64) * stride_xm + 2 * rh[None, :] + g_start * GROUP
+    w_ptrs = QW + rn[None, :].to(tl.int64) * stride_qn + rh[:, None] + g_start * HALF  # bytes [HALF, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(g_start, g_end):
+        x_even = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+        x_odd = tl.load(x_ptrs + 1, mask=m_ok[:, None], other=0.0)
+        packed = tl.load(w_ptrs, mask=n_ok[None, :], other=0).to(tl.uint16)
+        low = _offset_codes(packed & 0xF, x_even.dtype)
+        high = _offset_codes(packed >> 4, x_even.dtype)
+        if DOT_IN_FP32 or x_even.dtype == tl.float32:  # exact values, so the same sums
+            group_sum = (tl.dot(x_even.to(tl.float32), low.to(tl.float32), input_precision="ieee")
+                         + tl.dot(x_odd.to(tl.float32), high.to(tl.float32), input_precision="ieee"))
+        else:
+            group_sum = tl.dot(x_even, low) + tl.dot(x_odd, high)
+        x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
+        scale = tl.load(SCALES + rn.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        zero = tl.load(ZEROS + rn.to(tl.int64) * stride_zn + g, mask=n_ok, other=0).to(tl.float32) + _code_offset(x_even.dtype)
+        acc += (group_sum - x_sum[:, None] * zero[None, :]) * scale[None, :]
+        x_ptrs += GROUP
+        w_ptrs += HALF
+    _finish(acc, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _code_offset(dtype: tl.constexpr):
+    if dtype == tl.bfloat16:
+        return 128.0
+    elif dtype == tl.float16:
+        return 1024.0
+    else:
+        return 0.0
+
+
+@triton.jit
+def _offset_codes(q, dtype: tl.constexpr):
+    """4-bit codes (uint16 lanes) as the exact `dtype` values q + _code_offset(dtype), with one OR
+    and no conversion instruction (the offset is taken off with the zero point, once per group)."""
+    if dtype == tl.bfloat16:
+        return (q | 0x4300).to(tl.bfloat16, bitcast=True)
+    elif dtype == tl.float16:
+        return (q | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        return q.to(tl.float32)
+
+
+@triton.jit
+def _dequantize_int4_kernel(QW, SCALES, ZEROS, W, N, stride_qn, stride_sn, stride_zn, stride_wn,
+                            GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One group of BLOCK_N rows: codes → (q − z) · s in W's dtype, columns back in order."""
+    HALF: tl.constexpr = GROUP // 2
+    g = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rh = tl.arange(0, HALF)
+    n_ok = rn[:, None] < N
+    packed = tl.load(QW + rn[:, None].to(tl.int64) * stride_qn + g * HALF + rh[None, :], mask=n_ok, other=0)
+    scale = tl.load(SCALES + rn.to(tl.int64) * stride_sn + g, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+    zero = tl.load(ZEROS + rn.to(tl.int64) * stride_zn + g, mask=rn < N, other=0).to(tl.float32)[:, None]
+    low = ((packed & 0xF).to(tl.float32) - zero) * scale
+    high = ((packed >> 4).to(tl.float32) - zero) * scale
+    w = tl.interleave(low, high)  # even input column from the low nibble
+    tl.store(W + rn[:, None].to(tl.int64) * stride_wn + g * GROUP + tl.arange(0, GROUP)[None, :], w.to(W.dtype.element_ty), mask=n_ok)
+
+
+GEMV_TOKENS = 4  # up to here: CUDA-core GEMV; then tensor cores on one 16-row tile
+MMA_TOKENS = 16  # above: dequantise once and use the library GEMM (compute-bound, weight reused)
+
+_int4_gemv = triton.autotune(
+    configs=_configs(
+        [
+            {"BLOCK_N": bn, "SPLIT_K": sk, "num_warps": w, "num_stages": st}
+            for bn, sk, w, st in [(16, 1, 4, 3), (32, 1, 4, 3), (8, 2, 2, 3), (16, 2, 4, 3), (32, 2, 4, 3),
+                                  (16, 4, 4, 3), (32, 4, 4, 2), (64, 4, 4, 2), (16, 8, 4, 2), (32, 8, 4, 2)]
+        ],
+        {"BLOCK_N": 8, "SPLIT_K": 2},
+    ),
+    key=["M_BUCKET", "N", "K", "GROUP"],
+    reset_to_zero=["ARRIVED"],
+)(_int4_gemv_kernel)
+
+_int4_mma = triton.autotune(
+    configs=_configs(
+        [
+            {"BLOCK_M": 16, "BLOCK_N": bn, "SPLIT_K": sk, "num_warps": 4, "num_stages": st}
+            for bn, sk, st in [(32, 1, 4), (64, 1, 4), (32, 2, 4), (64, 2, 4), (32, 4, 4), (64, 4, 4), (128, 4, 3), (64, 8, 3), (128, 8, 3)]
+        ],
+        {"BLOCK_M": 16, "BLOCK_N": 16, "SPLIT_K": 2},
+    ),
+    key=["M_BUCKET", "N", "K", "GROUP"],
+    reset_to_zero=["ARRIVED"],
+)(_int4_mma_kernel)
+
+
+def takes_group_size(group_size: int) -> bool:
+    """Group sizes the int4 kernels run (one group is one step of their loops; tl.dot needs ≥ 16 per half)."""
+    return group_size % 32 == 0 and group_size <= 256
+
+
+def dequantize_int4(qweight, scales, zeros, group_size: int, dtype) -> torch.Tensor:
+    n = qweight.shape[0]
+    w = torch.empty((n, qweight.shape[1] * 2), dtype=dtype, device=qweight.device)
+    block_n = 16
+    _dequantize_int4_kernel[(triton.cdiv(n, block_n), w.shape[1] // group_size)](
+        qweight, scales, zeros, w, n, qweight.stride(0), scales.stride(0), zeros.stride(0), w.stride(0), GROUP=group_size, BLOCK_N=block_n,
+    )
+    return w
+
+
+def int4_linear(x, qweight, scales, zeros, group_size: int, bias) -> torch.Tensor:
+    """x [M, K] × 4-bit weight [N, K] (packed [N, K/2], scales/zeros [N, K/g]) → [M, N] in x's dtype."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    if not takes_group_size(group_size):
+        raise ValueError(f"the int4 kernels take group sizes that are multiples of 32 up to 256, not {group_size}")
+    if k % group_size or qweight.shape[1] * 2 != k:
+        raise ValueError(f"input width {k} does not match the packed weight ({qweight.shape[1] * 2} columns in groups of {group_size})")
+    if m > MMA_TOKENS:
+        return torch.nn.functional.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype), bias)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    # Room for 8 partial sums per output and an arrival counter per tile, zeroed per call so
+    # that calls on different streams never share counters.
+    partial = torch.empty((8 * m * n,), dtype=torch.float32, device=x.device)
+    arrived = torch.zeros((triton.cdiv(n, 8),), dtype=torch.int32, device=x.device)
+    args = (x, qweight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
+            m, n, k, m_bucket(m), x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
+    if m <= GEMV_TOKENS:
+        words = qweight.view(torch.int32)  # 8 codes per word; the stride is in words too
+        args = (*args[:1], words, *args[2:13], words.stride(0), *args[14:])
+        _int4_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"])](
+            *args, GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m))
+    else:
+        _int4_mma[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])](
+            *args, GROUP=group_size, HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETING)
+    return out
