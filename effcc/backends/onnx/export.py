@@ -11,20 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from ...capture import eval_mode
 from ...errors import EffccError, VerificationError
 from ...verify import Comparison, compare
 
-ONNX_RTOL = 1e-4
+ONNX_RTOL = 1e-4  # float32 in ONNX Runtime vs float32 in PyTorch: kernel order differs, nothing else
 RMS_NORM_OPSET = 23  # the first opset with RMSNormalization
 
 
 def _uses(model: nn.Module, target) -> bool:
     graph = getattr(model, "graph", None)
-    return graph is not None and any(node.target is target for node in graph.nodes)  # float32 in ONNX Runtime vs float32 in PyTorch: kernel order differs, nothing else
+    return graph is not None and any(node.target is target for node in graph.nodes)
 
 
 def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None, *, dynamic_shapes=None, opset: int | None = None) -> Path:
@@ -38,11 +38,19 @@ def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None,
         options["opset_version"] = opset
     if dynamic_shapes is not None:
         options["dynamic_shapes"] = dynamic_shapes
+    from . import quantized  # onnxscript, which torch.onnx.export loads anyway
+
+    # A GraphModule shows which ops it calls; any other module is only known after torch.export,
+    # so it gets them all (an entry for an op that never appears changes nothing).
+    if not isinstance(model, fx.GraphModule):
+        options["custom_translation_table"] = quantized.TRANSLATIONS
+    elif translations := {op: fn for op, fn in quantized.TRANSLATIONS.items() if _uses(model, op)}:
+        options["custom_translation_table"] = translations  # the exporter adds their domains' opset imports
     quiet = io.StringIO()
     try:
         with torch.no_grad(), eval_mode(model), contextlib.redirect_stdout(quiet), _quiet_exporter():
             program = torch.onnx.export(model, args, kwargs=kwargs or None, **options)
-    except Exception as error:  # noqa: BLE001 - reported with the exporter's own first line
+    except Exception as error:  # any exporter failure, reported with its own first line
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise EffccError(f"ONNX export of {type(model).__name__} failed: {first[:400]}") from error
     program.save(os.fspath(path))
