@@ -93,7 +93,7 @@ def _set_tile_boxes(nargs):
 
 def _int8_configs() -> list[triton.Config]:
     full = [
-        (128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
+        (128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (256, 128, 128, 8, 8, 4),
         (64, 128, 128, 8, 4, 4), (64, 64, 128, 8, 4, 5), (64, 256, 128, 8, 8, 3),  # small M (decode)
     ]
     small = [(16, 32, 32, 1, 4, 2)]
@@ -207,33 +207,43 @@ def _int4_gemv_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_zn, stride_cm,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """1-4 tokens: CUDA-core FMAs on codes read as 32-bit words (8 codes each), bound by the weight stream."""
+    """1-4 tokens: CUDA-core FMAs on codes read as 32-bit words (8 codes each), bound by the weight
+    stream.  A step reads GROUPS_PER_STEP groups of BLOCK_N rows; each row's codes are contiguous."""
     WORDS: tl.constexpr = GROUP // 8
+    STEP_WORDS: tl.constexpr = GROUPS_PER_STEP * WORDS
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rw = tl.arange(0, WORDS)
-    m_ok, n_ok = rm < M, rn < N
+    rw = tl.arange(0, STEP_WORDS)
+    rg = tl.arange(0, GROUPS_PER_STEP)
+    n_ok = rn < N
     g_start, g_end = _group_range(K, GROUP, SPLIT_K)
-    w_ptrs = QW + rn[:, None].to(tl.int64) * stride_qn + g_start * WORDS + rw[None, :]  # int32 words [BLOCK_N, WORDS]
-    x_ptrs = X + rm[:, None].to(tl.int64) * stride_xm + g_start * GROUP + 8 * rw[None, :]  # [BLOCK_M, WORDS]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(g_start, g_end):
-        words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
-        part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for g in range(g_start, g_end, GROUPS_PER_STEP):
+        w_ok = n_ok[:, None] & (g * WORDS + rw[None, :] < g_end * WORDS)
+        words = tl.load(QW + rn[:, None].to(tl.int64) * stride_qn + g * WORDS + rw[None, :], mask=w_ok, other=0)
+        g_ok = n_ok[:, None] & (g + rg[None, :] < g_end)
+        scale = tl.load(SCALES + rn[:, None].to(tl.int64) * stride_sn + g + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)
+        zero = tl.load(ZEROS + rn[:, None].to(tl.int64) * stride_zn + g + rg[None, :], mask=g_ok, other=0).to(tl.float32)
+        codes = []
         for j in tl.static_range(8):  # input column 8·w + j is nibble j of word w
             # 0x4B000000 | q is the float 2²³ + q: an exact conversion with an OR and a subtraction
-            code = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            xj = tl.load(x_ptrs + j, mask=m_ok[:, None], other=0.0).to(tl.float32)
-            part += code[None, :, :] * xj[:, None, :]
-            x_sum += tl.sum(xj, axis=1)
-        scale = tl.load(SCALES + rn.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        zero = tl.load(ZEROS + rn.to(tl.int64) * stride_zn + g, mask=n_ok, other=0).to(tl.float32)
-        acc += (tl.sum(part, axis=2) - x_sum[:, None] * zero[None, :]) * scale[None, :]
-        w_ptrs += WORDS
-        x_ptrs += GROUP
+            codes.append((((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0)
+        for r in tl.static_range(BLOCK_M):  # the codes are unpacked once and used by every token
+            x_row = X + r * stride_xm + g * GROUP + 8 * rw
+            x_ok = (g * WORDS + rw < g_end * WORDS) & (tl.full((STEP_WORDS,), r, tl.int32) < M)
+            dots = tl.zeros((BLOCK_N, STEP_WORDS), dtype=tl.float32)
+            x_sum = tl.zeros((STEP_WORDS,), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_row + j, mask=x_ok, other=0.0).to(tl.float32)
+                dots += codes[j] * xj[None, :]
+                x_sum += xj
+            # per group: s · (Σ x q − z · Σ x)
+            group_dots = tl.sum(tl.reshape(dots, (BLOCK_N, GROUPS_PER_STEP, WORDS)), axis=2)
+            group_x = tl.sum(tl.reshape(x_sum, (GROUPS_PER_STEP, WORDS)), axis=1)
+            row = tl.sum((group_dots - zero * group_x[None, :]) * scale, axis=1)
+            acc += tl.where(rm[:, None] == r, row[None, :], 0.0)
     _finish(acc, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
@@ -321,11 +331,11 @@ MMA_TOKENS = 16  # above: dequantise once and use the library GEMM (compute-boun
 _int4_gemv = triton.autotune(
     configs=_configs(
         [
-            {"BLOCK_N": bn, "SPLIT_K": sk, "num_warps": w, "num_stages": st}
-            for bn, sk, w, st in [(16, 1, 4, 3), (32, 1, 4, 3), (8, 2, 2, 3), (16, 2, 4, 3), (32, 2, 4, 3),
-                                  (16, 4, 4, 3), (32, 4, 4, 2), (64, 4, 4, 2), (16, 8, 4, 2), (32, 8, 4, 2)]
+            {"BLOCK_N": bn, "GROUPS_PER_STEP": gs, "SPLIT_K": sk, "num_warps": w, "num_stages": st}
+            for bn, gs, sk, w, st in [(8, 4, 1, 2, 4), (16, 4, 1, 4, 4), (16, 2, 1, 4, 4), (16, 8, 1, 4, 3), (32, 4, 1, 4, 3),
+                                      (16, 4, 2, 4, 3), (32, 4, 2, 4, 3), (32, 2, 4, 4, 3), (64, 2, 4, 8, 3), (32, 4, 4, 4, 3)]
         ],
-        {"BLOCK_N": 8, "SPLIT_K": 2},
+        {"BLOCK_N": 8, "GROUPS_PER_STEP": 2, "SPLIT_K": 2},
     ),
     key=["M_BUCKET", "N", "K", "GROUP"],
     reset_to_zero=["ARRIVED"],
