@@ -209,42 +209,34 @@ def _int4_gemv_kernel(
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """1-4 tokens: CUDA-core FMAs on codes read as 32-bit words (8 codes each), bound by the weight
-    stream.  A step reads GROUPS_PER_STEP groups of BLOCK_N rows; each row's codes are contiguous."""
-    WORDS: tl.constexpr = GROUP // 8
-    STEP_WORDS: tl.constexpr = GROUPS_PER_STEP * WORDS
-    rm = tl.arange(0, BLOCK_M)
+    """One token: CUDA-core FMAs, bound by the weight stream.  Each step reads GROUPS_PER_STEP
+    groups of BLOCK_N rows (bytes contiguous along the row); x is read as its even and odd
+    columns, in the layout the broadcast needs, and the products accumulate per element so
+    that the only reduction across threads is the last one."""
+    HALF: tl.constexpr = GROUP // 2
+    rm = tl.arange(0, BLOCK_M)  # BLOCK_M == 1
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rw = tl.arange(0, STEP_WORDS)
-    rg = tl.arange(0, GROUPS_PER_STEP)
+    rh = tl.arange(0, HALF)
     n_ok = rn < N
+    row = rn.to(tl.int64)
     g_start, g_end = _group_range(K, GROUP, SPLIT_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(g_start, g_end, GROUPS_PER_STEP):
-        w_ok = n_ok[:, None] & (g * WORDS + rw[None, :] < g_end * WORDS)
-        words = tl.load(QW + rn[:, None].to(tl.int64) * stride_qn + g * WORDS + rw[None, :], mask=w_ok, other=0)
-        g_ok = n_ok[:, None] & (g + rg[None, :] < g_end)
-        scale = tl.load(SCALES + rn[:, None].to(tl.int64) * stride_sn + g + rg[None, :], mask=g_ok, other=0.0).to(tl.float32)
-        zero = tl.load(ZEROS + rn[:, None].to(tl.int64) * stride_zn + g + rg[None, :], mask=g_ok, other=0).to(tl.float32)
-        codes = []
-        for j in tl.static_range(8):  # input column 8·w + j is nibble j of word w
-            # 0x4B000000 | q is the float 2²³ + q: an exact conversion with an OR and a subtraction
-            codes.append((((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0)
-        for r in tl.static_range(BLOCK_M):  # the codes are unpacked once and used by every token
-            x_row = X + r * stride_xm + g * GROUP + 8 * rw
-            x_ok = (g * WORDS + rw < g_end * WORDS) & (tl.full((STEP_WORDS,), r, tl.int32) < M)
-            dots = tl.zeros((BLOCK_N, STEP_WORDS), dtype=tl.float32)
-            x_sum = tl.zeros((STEP_WORDS,), dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = tl.load(x_row + j, mask=x_ok, other=0.0).to(tl.float32)
-                dots += codes[j] * xj[None, :]
-                x_sum += xj
-            # per group: s · (Σ x q − z · Σ x)
-            group_dots = tl.sum(tl.reshape(dots, (BLOCK_N, GROUPS_PER_STEP, WORDS)), axis=2)
-            group_x = tl.sum(tl.reshape(x_sum, (GROUPS_PER_STEP, WORDS)), axis=1)
-            row = tl.sum((group_dots - zero * group_x[None, :]) * scale, axis=1)
-            acc += tl.where(rm[:, None] == r, row[None, :], 0.0)
-    _finish(acc, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+    for g0 in range(g_start, g_end, GROUPS_PER_STEP):
+        for i in tl.static_range(GROUPS_PER_STEP):  # independent loads in flight
+            g = g0 + i
+            ok = n_ok & (tl.full((BLOCK_N,), g, tl.int32) < g_end)
+            packed = tl.load(QW + row[:, None] * stride_qn + g * HALF + rh[None, :], mask=ok[:, None], other=0).to(tl.int32)
+            scale = tl.load(SCALES + row * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
+            # 0x4B000000 | q is the float 2²³ + q: one subtraction takes off both 2²³ and the zero point
+            offset = tl.load(ZEROS + row * stride_zn + g, mask=ok, other=0).to(tl.float32) + 8388608.0
+            x_ok = tl.full((HALF,), g, tl.int32) < g_end
+            x_even = tl.load(X + g * GROUP + 2 * rh, mask=x_ok, other=0.0).to(tl.float32)
+            x_odd = tl.load(X + g * GROUP + 2 * rh + 1, mask=x_ok, other=0.0).to(tl.float32)
+            low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - offset[:, None]
+            high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - offset[:, None]
+            acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale[:, None]
+    out = tl.sum(acc, axis=1)[None, :]
+    _finish(out, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -325,7 +317,7 @@ def _dequantize_int4_kernel(QW, SCALES, ZEROS, W, N, stride_qn, stride_sn, strid
     tl.store(W + rn[:, None].to(tl.int64) * stride_wn + g * GROUP + tl.arange(0, GROUP)[None, :], w.to(W.dtype.element_ty), mask=n_ok)
 
 
-GEMV_TOKENS = 4  # up to here: CUDA-core GEMV; then tensor cores on one 16-row tile
+GEMV_TOKENS = 1  # up to here: CUDA-core GEMV; then tensor cores on one 16-row tile
 MMA_TOKENS = 16  # above: dequantise once and use the library GEMM (compute-bound, weight reused)
 
 _int4_gemv = triton.autotune(
@@ -389,10 +381,8 @@ def int4_linear(x, qweight, scales, zeros, group_size: int, bias) -> torch.Tenso
     args = (x, qweight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
             m, n, k, m_bucket(m), x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
     if m <= GEMV_TOKENS:
-        words = qweight.view(torch.int32)  # 8 codes per word; the stride is in words too
-        args = (*args[:1], words, *args[2:13], words.stride(0), *args[14:])
         _int4_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"])](
-            *args, GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m))
+            *args, GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_M=1)
     else:
         _int4_mma[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])](
             *args, GROUP=group_size, HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETING)
