@@ -197,6 +197,8 @@ def main() -> None:
     parser.add_argument("--parts", default="kernels,model", help="comma-separated: kernels, model")
     parser.add_argument("--layers", type=int, default=2, help="LLaMA-7B-shaped decoder layers in the end-to-end model")
     parser.add_argument("--quick", action="store_true", help="one shape per kernel (a smoke test)")
+    parser.add_argument("--w4a16-tokens", default="1,4,16,2048", help="token counts for the W4A16 kernel rows")
+    parser.add_argument("--skip-w8a8", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quantized.json")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -211,10 +213,10 @@ def main() -> None:
     print(f"{name}: device-to-device copy {copy_bw / 1e9:.0f} GB/s", flush=True)
     start = time.time()
     if "kernels" in parts:
-        for m, n, k in [(4096, 4096, 4096), (4096, 11008, 4096)][: 1 if args.quick else None]:
+        for m, n, k in [] if args.skip_w8a8 else [(4096, 4096, 4096), (4096, 11008, 4096)][: 1 if args.quick else None]:
             bench_w8a8(m, n, k, results)
         shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): out × in
-        for m in (1, 4, 16, 2048)[: 1 if args.quick else None]:
+        for m in [int(t) for t in args.w4a16_tokens.split(",")][: 1 if args.quick else None]:
             for n, k in shapes[: 1 if args.quick else None]:
                 bench_w4a16(m, n, k, 128, copy_bw, results)
     if "model" in parts:
