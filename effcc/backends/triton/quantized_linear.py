@@ -240,6 +240,81 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
+def _int4_gemv_kmajor_kernel(
+    X, QW, SCALES, ZEROS, BIAS, C, PARTIAL, ARRIVED,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_qk, stride_sk, stride_zk, stride_cm,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """One token, weights as int32 words [K/8, N] (8 codes of one output along K per word, outputs
+    contiguous): threads run along the outputs, x is the same for all of them (one broadcast load
+    serves a whole warp), and scale / zero point are vectors over the outputs."""
+    WORDS: tl.constexpr = GROUP // 8
+    rm = tl.arange(0, BLOCK_M)  # BLOCK_M == 1
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, WORDS)
+    n_ok = rn < N
+    g_start, g_end = _group_range(K, GROUP, SPLIT_K)
+    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    for g0 in range(g_start, g_end, GROUPS_PER_STEP):
+        for i in tl.static_range(GROUPS_PER_STEP):  # independent loads in flight
+            g = g0 + i
+            ok = n_ok & (tl.full((BLOCK_N,), g, tl.int32) < g_end)
+            kw = g * WORDS + rk
+            words = tl.load(QW + kw[:, None].to(tl.int64) * stride_qk + rn[None, :], mask=ok[None, :], other=0)
+            scale = tl.load(SCALES + g.to(tl.int64) * stride_sk + rn, mask=ok, other=0.0).to(tl.float32)
+            # 0x4B000000 | q is the float 2²³ + q: one subtraction takes off both 2²³ and the zero point
+            offset = tl.load(ZEROS + g.to(tl.int64) * stride_zk + rn, mask=ok, other=0).to(tl.float32) + 8388608.0
+            x_ok = tl.full((WORDS,), g, tl.int32) < g_end
+            dots = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(8):  # input column 8·k + j is nibble j of word k
+                code = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - offset[None, :]
+                xj = tl.load(X + 8 * kw + j, mask=x_ok, other=0.0).to(tl.float32)
+                dots += code * xj[:, None]
+            acc += dots * scale[None, :]
+    out = tl.sum(acc, axis=0)[None, :]
+    _finish(out, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+_int4_gemv_kmajor = triton.autotune(
+    configs=_configs(
+        [
+            {"BLOCK_N": bn, "GROUPS_PER_STEP": gs, "SPLIT_K": sk, "num_warps": w, "num_stages": 1}
+            for bn, gs, sk, w in [(128, 2, 1, 4), (128, 4, 1, 4), (64, 4, 1, 2), (128, 2, 2, 4), (128, 4, 2, 4), (256, 2, 2, 4),
+                                  (128, 2, 4, 4), (256, 2, 4, 8), (64, 4, 2, 2), (64, 2, 4, 2), (128, 1, 8, 4)]
+        ],
+        {"BLOCK_N": 16, "GROUPS_PER_STEP": 2, "SPLIT_K": 2},
+    ),
+    key=["M_BUCKET", "N", "K", "GROUP"],
+    reset_to_zero=["ARRIVED"],
+)(_int4_gemv_kmajor_kernel)
+
+
+def repack_kmajor(qweight, scales, zeros):
+    """[N, K/2] bytes, [N, K/g] → int32 words [K/8, N] (nibble j of word k: input column 8k + j), [K/g, N]."""
+    codes = torch.stack((qweight & 0xF, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1).to(torch.int64)  # [N, K]
+    codes = codes.t().reshape(-1, 8, qweight.shape[0])  # [K/8, 8, N]
+    shifts = (4 * torch.arange(8, device=qweight.device)).view(1, 8, 1)
+    words = (codes << shifts).sum(dim=1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.contiguous(), scales.t().contiguous(), zeros.t().contiguous()
+
+
+def int4_gemv_kmajor(x, words, scales_t, zeros_t, group_size: int, bias) -> torch.Tensor:
+    m, k = x.shape
+    n = words.shape[1]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    partial = torch.empty((8 * m * n,), dtype=torch.float32, device=x.device)
+    arrived = torch.zeros((triton.cdiv(n, 8),), dtype=torch.int32, device=x.device)
+    _int4_gemv_kmajor[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"])](
+        x, words, scales_t, zeros_t, bias if bias is not None else scales_t, out, partial, arrived,
+        m, n, k, m_bucket(m), x.stride(0), words.stride(0), scales_t.stride(0), zeros_t.stride(0), out.stride(0),
+        GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_M=1)
+    return out
+
+
+@triton.jit
 def _int4_mma_kernel(
     X, QW, SCALES, ZEROS, BIAS, C, PARTIAL, ARRIVED,
     M, N, K, M_BUCKET,
