@@ -106,13 +106,6 @@ def bench_w4a16(m, n, k, group, copy_bw, results):
     row["bf16_cublas_ms"] = time_rotating([lambda w=w: x @ w.t() for w in weights])
     row["effcc_ms"] = time_rotating([lambda p=p: kernels.int4_linear(x, *p, group, None) for p in packed])
     row["speedup_vs_bf16"] = row["bf16_cublas_ms"] / row["effcc_ms"]
-    if m == 1:  # experiment: output-major words
-        km = [kernels.repack_kmajor(*p) for p in packed]
-        row["kmajor_ms"] = time_rotating([lambda p=p: kernels.int4_gemv_kmajor(x, *p, group, None) for p in km])
-        got = kernels.int4_gemv_kmajor(x, *km[0], group, None)
-        want = q.w4a16_linear_reference(x.double(), packed[0][0], packed[0][1].double(), packed[0][2], group, None)
-        row["kmajor_err"] = ((got.double() - want).abs().max() / want.abs().max()).item()
-        print(f"  kmajor: {row['kmajor_ms'] * 1e3:.1f} us -> {row['bf16_cublas_ms'] / row['kmajor_ms']:.2f}x, BW {100 * int4_bytes / (row['kmajor_ms'] * 1e-3) / copy_bw:.0f}%, err {row['kmajor_err']:.1e} [{kernels._int4_gemv_kmajor.best_config}]", flush=True)
     row["effcc_weight_bandwidth_share_of_copy"] = int4_bytes / (row["effcc_ms"] * 1e-3) / copy_bw
     row["bf16_weight_bandwidth_share_of_copy"] = n * k * 2 / (row["bf16_cublas_ms"] * 1e-3) / copy_bw
     p, s, z = packed[0]

@@ -1,12 +1,11 @@
-"""Launch effcc's one-token int4 GEMV kernels once each at 4096 × 4096 with fixed configurations,
-for Nsight Compute (no autotuning, so that each profiled launch is the kernel itself):
+"""Launch effcc's one-token int4 GEMV kernel once at 4096 × 4096 with fixed configurations,
+for Nsight Compute (no autotuning, so that the profiled launch is the kernel itself):
 
     ncu --kernel-name regex:int4_gemv --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section Occupancy --section WarpStateStats python benchmarks/profile_int4_gemv.py
 """
 
 import torch
-import triton
 
 from effcc.backends.triton import quantized_linear as k
 from effcc.ops import quantized_linear as q
@@ -25,12 +24,5 @@ k._int4_gemv_kernel[(n // block_n, 1, split)](
     x, packed, scales, zeros, scales, out, partial, arrived, 1, n, kdim, 1,
     x.stride(0), packed.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
     GROUP=group, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, GROUPS_PER_STEP=2, SPLIT_K=split, num_warps=8, num_stages=1)
-words, scales_t, zeros_t = k.repack_kmajor(packed, scales, zeros)
-arrived.zero_()
-split, block_n = 8, 128
-k._int4_gemv_kmajor_kernel[(triton.cdiv(n, block_n), 1, split)](
-    x, words, scales_t, zeros_t, scales_t, out, partial, arrived, 1, n, kdim, 1,
-    x.stride(0), words.stride(0), scales_t.stride(0), zeros_t.stride(0), out.stride(0),
-    GROUP=group, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, GROUPS_PER_STEP=1, SPLIT_K=split, num_warps=4, num_stages=1)
 torch.cuda.synchronize()
 print("launched")

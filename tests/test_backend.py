@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import build, token_ids
 
+import effcc
+
 
 # Inductor on CPU vs eager, float32: kernel order differs, nothing else.
 COMPILE_ATOL = 1e-5
@@ -128,3 +130,16 @@ def test_crmsnorm_through_torch_compile_with_dynamic_shapes(caplog):
             ids = token_ids(batch, tokens, seed=batch)
             torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=0, atol=COMPILE_ATOL)
     assert any("applied ln_to_crmsnorm: 1 changed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("quantize", ["quantize_w8a8", ("quantize_w4a16", {"group_size": 32})], ids=["w8a8", "w4a16"])
+def test_quantised_model_compiles_around_the_ops_and_equals_optimize(quantize, caplog):
+    model = build("llama")
+    ids = token_ids(2, 8)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="effcc"):
+        want = effcc.optimize(model, (ids,), passes=[quantize]).model(ids).logits
+        got = torch.compile(model, backend="effcc", options={"passes": [quantize]})(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=COMPILE_ATOL)
+    name = quantize if isinstance(quantize, str) else quantize[0]
+    assert any(f"{name}: 14 changed" in r.getMessage() for r in caplog.records)  # 2 layers × 7 linears
+    assert (got - model(ids).logits).abs().max() > 0  # lossy: it really runs the quantised ops
