@@ -11,7 +11,6 @@ from conftest import build, token_ids
 
 import effcc
 
-
 # Inductor on CPU vs eager, float32: kernel order differs, nothing else.
 COMPILE_ATOL = 1e-5
 
