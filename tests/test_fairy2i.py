@@ -1,0 +1,137 @@
+"""real_to_complex (exact) and fairy2i ({±1, ±i} codes): identity, equivalence, refusals, stage errors."""
+
+import pytest
+import sympy
+import torch
+from conftest import build, token_ids
+from torch import nn
+
+import effcc
+from effcc.errors import UnknownPassError
+from effcc.ops import complex_linear as cl
+
+
+def _count(gm, op) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target is op)
+
+
+def test_widely_linear_identity_holds_symbolically():
+    """For a symbolic real 4×6 weight and input, A z + B z̄ with the pass's A, B is exactly W x."""
+    m, n = 2, 3
+    w = sympy.Matrix(2 * m, 2 * n, lambda r, c: sympy.Symbol(f"w{r}_{c}", real=True))
+    x = sympy.Matrix(2 * n, 1, lambda r, _: sympy.Symbol(f"x{r}", real=True))
+    w11, w12, w21, w22 = w[:m, :n], w[:m, n:], w[m:, :n], w[m:, n:]
+    a = ((w11 + w22) + sympy.I * (w21 - w12)) / 2
+    b = ((w11 - w22) + sympy.I * (w21 + w12)) / 2
+    z = x[:n, :] + sympy.I * x[n:, :]
+    out = a * z + b * z.conjugate()
+    y = w * x
+    for j in range(m):
+        assert sympy.simplify(sympy.re(out[j]) - y[j]) == 0
+        assert sympy.simplify(sympy.im(out[j]) - y[m + j]) == 0
+    # and a code times z only swaps and negates parts: i·(p + iq) = −q + ip, −i·(p + iq) = q − ip
+    p, q = sympy.symbols("p q", real=True)
+    for code, (re, im) in {0: (p, q), 1: (-p, -q), 2: (-q, p), 3: (q, -p)}.items():
+        value = complex(cl.DIRECTIONS[code].item())
+        assert sympy.expand((sympy.Integer(int(value.real)) + sympy.I * int(value.imag)) * (p + sympy.I * q)) == re + sympy.I * im
+
+
+def test_round_trip_of_a_random_weight_is_exact_in_float64():
+    w = torch.randn(10, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a, b = cl.to_widely_linear(w)
+    assert (cl.from_widely_linear(a, b) - w).abs().max() < 1e-15
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_real_to_complex_is_exact_on_real_architectures(arch):
+    model = build(arch).double()
+    ids = token_ids(2, 8)
+    result = effcc.optimize(model, (ids,), passes=["real_to_complex"])
+    gm = result.program.gm
+    layers = _count(gm, torch.ops.effcc.widely_linear.default)
+    assert layers == {"gpt2": 8, "llama": 14}[arch]  # every linear in the blocks; the LM head is outside them
+    with torch.no_grad():
+        for batch, tokens in ((2, 8), (3, 5)):
+            ids = token_ids(batch, tokens, seed=batch)
+            want, got = model(ids).logits, result.model(ids).logits
+            assert ((got - want).abs().max() / want.abs().max()) < 1e-12
+
+
+def test_selection_by_name_and_what_is_refused():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.odd = nn.Linear(6, 5)
+            self.shared = nn.Linear(6, 6)
+            self.fine = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.fine(self.shared(self.shared(x))) + self.odd(x).sum(-1, keepdim=True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block()])
+            self.head = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.head(self.blocks[0](x))
+
+    model = Net().double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    result = effcc.optimize(model, (x,), passes=["real_to_complex"])
+    log = result.report.passes[-1]
+    reasons = {site.where: site.detail for site in log.skipped}
+    assert any("odd" in where and "5×6" in why for where, why in reasons.items())
+    assert any("shared" in where and "also read by" in why for where, why in reasons.items())
+    assert len(log.changed) == 1 and "fine" in log.changed[0].where  # the head is not in a block
+    torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-12)
+    # include / exclude are regular expressions on the weight name
+    only_head = effcc.optimize(model, (x,), passes=[("real_to_complex", {"include": r"^head\."})])
+    assert [s.where for s in only_head.report.passes[-1].changed][0].startswith("head")
+    none = effcc.optimize(model, (x,), passes=[("real_to_complex", {"exclude": "fine"})])
+    assert not none.report.passes[-1].changed
+
+
+def test_fairy2i_stages_shrink_the_error_and_are_reported():
+    model = build("gpt2").double()
+    ids = token_ids(2, 8)
+    errors = []
+    with torch.no_grad():
+        want = model(ids).logits
+        for stages in (1, 2, 3):
+            result = effcc.optimize(model, (ids,), passes=["real_to_complex", ("fairy2i", {"stages": stages})])
+            gm = result.program.gm
+            assert _count(gm, torch.ops.effcc.fairy2i_linear.default) == 8 and _count(gm, torch.ops.effcc.widely_linear.default) == 0
+            sites = result.report.passes[-1].changed
+            per_stage = [float(e) for e in sites[0].detail.rsplit(":", 1)[1].split(",")]
+            assert len(per_stage) == stages and per_stage == sorted(per_stage, reverse=True)
+            errors.append(((result.model(ids).logits - want).abs().max() / want.abs().max()).item())
+    assert errors[0] > errors[1] > errors[2]
+    assert 0.2 < per_stage[0] < 0.8 and per_stage[2] < 0.35  # ≈ 1, 2, 3 bits per real weight on Gaussian weights
+
+
+def test_fairy2i_codes_and_scales_follow_the_documented_layout():
+    g = torch.Generator().manual_seed(3)
+    a = torch.complex(torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, generator=g, dtype=torch.float64))
+    codes, scales, approx = cl.quantize_fairy2i(a, 2, per_row=True)
+    assert codes.shape == (2, 6, 8) and codes.max() <= 3 and scales.shape == (2, 6, 2)
+    direction = cl.DIRECTIONS[codes[0].long()]
+    # phase-nearest: the chosen direction has the largest projection of w on it
+    assert (torch.real(a * direction.conj()) >= torch.stack([torch.real(a * d.conj()) for d in cl.DIRECTIONS]).amax(0) - 1e-12).all()
+    real_axis = codes[0] < 2
+    assert torch.isclose(scales[0, 0, 0].double(), a[0].real.abs()[real_axis[0]].mean(), rtol=1e-6)
+    packed = cl.pack_codes(codes)
+    assert packed.shape == (2, 6, 2) and torch.equal(cl.unpack_codes(packed), codes)
+    stacked = cl.pack_codes(torch.stack((codes, codes), dim=1))
+    a_back, _ = cl.dequantize_fairy2i(stacked, torch.stack((scales, scales), dim=1))
+    assert (a_back - approx[-1]).abs().max() < 1e-6  # scales are stored in float32
+
+
+def test_fairy2i_says_what_it_needs():
+    model = build("gpt2")
+    ids = token_ids()
+    result = effcc.optimize(model, (ids,), passes=["fairy2i"])
+    assert "run real_to_complex first" in result.report.passes[-1].skipped[0].detail
+    with pytest.raises(UnknownPassError, match="stages"):
+        effcc.optimize(model, (ids,), passes=[("fairy2i", {"stages": 4})])
