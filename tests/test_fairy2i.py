@@ -135,3 +135,38 @@ def test_fairy2i_says_what_it_needs():
     assert "run real_to_complex first" in result.report.passes[-1].skipped[0].detail
     with pytest.raises(UnknownPassError, match="stages"):
         effcc.optimize(model, (ids,), passes=[("fairy2i", {"stages": 4})])
+
+
+@pytest.mark.parametrize("arch,passes", [("gpt2", ["real_to_complex"]), ("llama", ["real_to_complex", ("fairy2i", {"stages": 2})])], ids=["widely-linear", "fairy2i"])
+def test_onnx_export_in_standard_ops_matches_in_onnx_runtime(arch, passes, tmp_path):
+    import onnx
+
+    model = build(arch)
+    ids = token_ids(2, 8)
+    result = effcc.optimize(model, (ids,), passes=passes)
+    path = effcc.export_onnx(result, tmp_path / "model.onnx")
+    for batch, tokens in ((2, 8), (3, 5)):  # dynamic batch and sequence
+        effcc.check_onnx(path, result.model, (token_ids(batch, tokens, seed=batch),))  # raises above 1e-4
+    graph = onnx.load(path).graph
+    assert all(node.domain in ("", "ai.onnx") for node in graph.node)  # nothing custom left
+    if "fairy2i" in str(passes):  # the file keeps the 2-bit codes, not float weights
+        assert any(init.data_type == onnx.TensorProto.UINT8 and "codes" in init.name for init in graph.initializer)
+
+
+CUDA = torch.cuda.is_available()
+KERNEL_SHAPES = [(1, 24, 32, 2), (3, 16, 48, 1), (5, 40, 64, 3)] + ([(1, 2048, 2048, 2), (16, 5504, 2048, 2)] if CUDA else [])
+
+
+@pytest.mark.parametrize("tokens,m,n,stages", KERNEL_SHAPES, ids=str)
+def test_multiplication_free_kernel_matches_reference(tokens, m, n, stages):
+    from effcc.backends.triton import fairy2i as kernels
+
+    device = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(tokens)
+    a, b = cl.to_widely_linear(torch.randn(2 * m, 2 * n, generator=g))
+    (ca, sa, _), (cb, sb, _) = cl.quantize_fairy2i(a, stages), cl.quantize_fairy2i(b, stages)
+    codes, scales = cl.pack_codes(torch.stack((ca, cb), 1)).to(device), torch.stack((sa, sb), 1).to(device)
+    x, bias = torch.randn(tokens, 2 * n, generator=g).to(device), torch.randn(2 * m, generator=g).to(device)
+    got = kernels.fairy2i_linear(x, codes, scales, bias)
+    want = cl.fairy2i_linear_reference(x.double(), codes, scales, bias.double())
+    assert got.shape == (tokens, 2 * m) and ((got.double() - want).abs().max() / want.abs().max()) < 1e-5  # float32 sums

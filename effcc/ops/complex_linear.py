@@ -16,6 +16,7 @@ Stored:  codes uint8 [stages, 2 (A, B), m, n/4], four 2-bit codes per byte, colu
 2j..2j+1; code 0 = +1, 1 = −1, 2 = +i, 3 = −i.  scales float32 [stages, 2 (A, B), m, 2 (re, im)]
 (per-tensor scales are the same in every row).  A product with a code only swaps and negates the
 real and imaginary parts of the input: the kernel needs no multiplication inside the dot product.
+On CUDA, 1-16 tokens run that kernel (effcc.backends.triton.fairy2i); otherwise the reference.
 """
 
 from __future__ import annotations
@@ -139,3 +140,13 @@ fairy2i_linear = custom_op("effcc::fairy2i_linear", fairy2i_linear_reference, mu
 @fairy2i_linear.register_fake
 def _(x, codes, scales, bias):
     return x.new_empty((*x.shape[:-1], 2 * codes.shape[2]))
+
+
+@fairy2i_linear.register_kernel("cuda")
+def _(x, codes, scales, bias):
+    from ..backends.triton import fairy2i as kernels
+
+    rows = x.reshape(-1, x.shape[-1])
+    if x.dtype == torch.float64 or rows.shape[0] > 16:  # verification, or prefill: dequantise (reference)
+        return fairy2i_linear_reference(x, codes, scales, bias)
+    return kernels.fairy2i_linear(rows.contiguous(), codes, scales, bias).view(*x.shape[:-1], -1)

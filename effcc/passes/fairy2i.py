@@ -9,6 +9,7 @@ every stage.  effcc.ops.complex_linear holds the stored layout and the reference
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -56,8 +57,8 @@ class Fairy2i(Pass):
             errors = [((cl.from_widely_linear(qa, qb) - real).norm() / real.norm()).item() for qa, qb in zip(approx_a, approx_b)]
             codes = cl.pack_codes(torch.stack((codes_a, codes_b), dim=1))
             scales = torch.stack((scales_a, scales_b), dim=1)
-            base = parts[0].target.removesuffix("_a_re")
-            stored = [program.new_tensor(f"{base}_codes", codes), program.new_tensor(f"{base}_scales", scales)]
+            base = re.sub(r"_a_re(_effcc\d+)?$", "", parts[0].target)  # the original weight's name
+            stored = [program.new_tensor(f"{base}_fairy2i_codes", codes), program.new_tensor(f"{base}_fairy2i_scales", scales)]
             with program.graph.inserting_before(node):
                 call = program.graph.call_function(torch.ops.effcc.fairy2i_linear.default, (x, *stored, bias))
             call.meta = dict(node.meta)

@@ -38,14 +38,20 @@ def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None,
         options["opset_version"] = opset
     if dynamic_shapes is not None:
         options["dynamic_shapes"] = dynamic_shapes
-    from . import quantized  # onnxscript, which torch.onnx.export loads anyway
+    from . import complex_linear, quantized  # onnxscript, which torch.onnx.export loads anyway
+
+    table = {**quantized.TRANSLATIONS, **complex_linear.TRANSLATIONS}
 
     # A GraphModule shows which ops it calls; any other module is only known after torch.export,
     # so it gets them all (an entry for an op that never appears changes nothing).
     if not isinstance(model, fx.GraphModule):
-        options["custom_translation_table"] = quantized.TRANSLATIONS
-    elif translations := {op: fn for op, fn in quantized.TRANSLATIONS.items() if _uses(model, op)}:
+        options["custom_translation_table"] = table
+    elif translations := {op: fn for op, fn in table.items() if _uses(model, op)}:
         options["custom_translation_table"] = translations  # the exporter adds their domains' opset imports
+    if _uses(model, torch.ops.effcc.fairy2i_linear.default):
+        # The exporter's constant folding would turn the 2-bit codes into dense float weights in
+        # the file; ONNX Runtime still folds them when a session loads (complex_linear.py).
+        options["optimize"] = False
     quiet = io.StringIO()
     try:
         with torch.no_grad(), eval_mode(model), contextlib.redirect_stdout(quiet), _quiet_exporter():

@@ -169,7 +169,7 @@ def int8_linear(xq, x_scale, qweight, weight_scale, bias, out_dtype) -> torch.Te
 
 # ---- 4-bit weights, 16-bit activations -----------------------------------------------------------
 @triton.jit
-def _finish(acc, pid_k, rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm,
+def store_output_tile(acc, pid_k, rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm,
             HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Write acc (+ bias) as the output; with a split input dimension, add the splits first.
 
@@ -236,7 +236,7 @@ def _int4_gemv_kernel(
             high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - offset[:, None]
             acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale[:, None]
     out = tl.sum(acc, axis=1)[None, :]
-    _finish(out, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+    store_output_tile(out, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -274,7 +274,7 @@ def _int4_mma_kernel(
         acc += (group_sum - x_sum[:, None] * zero[None, :]) * scale[None, :]
         x_ptrs += GROUP
         w_ptrs += HALF
-    _finish(acc, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+    store_output_tile(acc, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 @triton.jit

@@ -1,0 +1,100 @@
+"""Triton kernel for Fairy2i layers: products with {±1, ±i} codes by selects and adds only.
+
+Layout and math: effcc.ops.complex_linear.  For output row j, stage s and each of A, B, the
+codes split the inputs into four sets; with z = x_r + i·x_i (z̄ for B):
+    R = Σ_{code +1} z − Σ_{code −1} z,   I = Σ_{code +i} z − Σ_{code −i} z,
+    contribution = s_re·R + i·s_im·I = (s_re·R_re − s_im·I_im) + i·(s_re·R_im + s_im·I_re).
+The inner loop only selects ±x or 0 and adds (no multiplication); the scales are applied once
+per row and stage, after the loop.  One program per (block of rows, stage): the stages are
+added by the last program of a row block to arrive, as the int4 kernel's split input dimension.
+For 1-16 tokens (decode); the 2-bit codes of a byte belong to inputs 4b + j, read as four
+strided slices of x so that the codes are never interleaved in registers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quantized_linear import INTERPRETING, store_output_tile
+
+
+@triton.jit
+def _signed(x, code, plus: tl.constexpr, minus: tl.constexpr):
+    """x where code == plus, −x where code == minus, 0 elsewhere: a select, not a product."""
+    return tl.where(code == plus, x, tl.where(code == minus, -x, 0.0))
+
+
+@triton.jit
+def _fairy2i_kernel(
+    X, CODES, SCALES, BIAS, C, PARTIAL, ARRIVED,
+    M, M_OUT, N_IN, stride_xm, stride_cs, stride_ct, stride_cr, stride_cm,
+    STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    stage = tl.program_id(2)
+    rm = tl.arange(0, BLOCK_M)
+    rj = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # complex output rows
+    rb = tl.arange(0, BLOCK_B)  # code bytes along the input
+    j_ok = rj < M_OUT
+    m_ok = rm < M
+    zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ar_re, ar_im, ai_re, ai_im = zero, zero, zero, zero  # A: R and I, real and imaginary parts
+    br_re, br_im, bi_re, bi_im = zero, zero, zero, zero  # B (on z̄)
+    codes_a = CODES + stage * stride_cs + rj[:, None].to(tl.int64) * stride_cr
+    codes_b = codes_a + stride_ct
+    for b0 in range(0, N_IN // 4, BLOCK_B):
+        b = b0 + rb
+        ok = j_ok[:, None] & (b[None, :] < N_IN // 4)
+        byte_a = tl.load(codes_a + b[None, :], mask=ok, other=0)
+        byte_b = tl.load(codes_b + b[None, :], mask=ok, other=0)
+        for j in tl.static_range(4):  # input 4·b + j is bits 2j..2j+1 of byte b
+            ca = ((byte_a >> (2 * j)) & 3)[None, :, :]
+            cb = ((byte_b >> (2 * j)) & 3)[None, :, :]
+            col = 4 * b + j
+            x_ok = m_ok[:, None] & (col[None, :] < N_IN)
+            xr = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+            xi = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + N_IN + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+            ar_re += tl.sum(_signed(xr, ca, 0, 1), axis=2)
+            ar_im += tl.sum(_signed(xi, ca, 0, 1), axis=2)
+            ai_re += tl.sum(_signed(xr, ca, 2, 3), axis=2)
+            ai_im += tl.sum(_signed(xi, ca, 2, 3), axis=2)
+            br_re += tl.sum(_signed(xr, cb, 0, 1), axis=2)
+            br_im -= tl.sum(_signed(xi, cb, 0, 1), axis=2)  # z̄: the imaginary part flips
+            bi_re += tl.sum(_signed(xr, cb, 2, 3), axis=2)
+            bi_im -= tl.sum(_signed(xi, cb, 2, 3), axis=2)
+    # scales of this stage, per row: [A s_re, A s_im, B s_re, B s_im]
+    s_ptr = SCALES + stage * (2 * M_OUT * 2) + rj * 2
+    sa_re = tl.load(s_ptr, mask=j_ok, other=0.0)[None, :]
+    sa_im = tl.load(s_ptr + 1, mask=j_ok, other=0.0)[None, :]
+    sb_re = tl.load(s_ptr + M_OUT * 2, mask=j_ok, other=0.0)[None, :]
+    sb_im = tl.load(s_ptr + M_OUT * 2 + 1, mask=j_ok, other=0.0)[None, :]
+    w_re = sa_re * ar_re - sa_im * ai_im + sb_re * br_re - sb_im * bi_im
+    w_im = sa_re * ar_im + sa_im * ai_re + sb_re * br_im + sb_im * bi_re
+    # output columns: j (real part) and M_OUT + j (imaginary part); rows past the end are masked
+    out = tl.reshape(tl.join(w_re, w_im), (BLOCK_M, 2 * BLOCK_N))
+    rj2 = tl.reshape(tl.join(rj, rj + M_OUT), (2 * BLOCK_N,))
+    ok2 = tl.reshape(tl.join(j_ok, j_ok), (2 * BLOCK_N,))
+    cols = tl.where(ok2, rj2, 2 * M_OUT)
+    store_output_tile(out, stage, rm, cols, M, 2 * M_OUT, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, STAGES, BLOCK_M, 2 * BLOCK_N)
+
+
+def fairy2i_linear(x, codes, scales, bias) -> torch.Tensor:
+    """x [M, 2n] (M ≤ 16) with codes [stages, 2, m, n/4], scales [stages, 2, m, 2] → [M, 2m] in x's dtype."""
+    m_tokens = x.shape[0]
+    stages, _, m_out, quarter = codes.shape
+    if m_tokens > 16:
+        raise ValueError(f"the Fairy2i kernel is for 1-16 tokens, not {m_tokens}")
+    out = torch.empty((m_tokens, 2 * m_out), dtype=x.dtype, device=x.device)
+    partial = torch.empty((stages * m_tokens * 2 * m_out,), dtype=torch.float32, device=x.device)
+    block_n = 16 if INTERPRETING else 32
+    arrived = torch.zeros((triton.cdiv(m_out, block_n),), dtype=torch.int32, device=x.device)
+    codes = codes.contiguous()
+    _fairy2i_kernel[(triton.cdiv(m_out, block_n), 1, stages)](
+        x, codes, scales.float().contiguous(), bias if bias is not None else scales, out, partial, arrived,
+        m_tokens, m_out, 4 * quarter, x.stride(0), codes.stride(0), codes.stride(1), codes.stride(2), out.stride(0),
+        STAGES=stages, HAS_BIAS=bias is not None,
+        BLOCK_M=triton.next_power_of_2(max(m_tokens, 1)), BLOCK_N=block_n, BLOCK_B=min(triton.next_power_of_2(quarter), 32),
+    )
+    return out
