@@ -5,6 +5,7 @@
     torch.compile(model, backend="effcc")
 """
 
+from . import qat
 from .api import OptimizeResult, check_onnx, export_onnx, optimize, verify
 from .errors import CaptureError, EffccError, UnknownPassError, VerificationError
 from .passes import REGISTRY, Guarantee, Pass, register_pass
@@ -29,6 +30,7 @@ __all__ = [
     "export_onnx",
     "list_passes",
     "optimize",
+    "qat",
     "register_pass",
     "verify",
 ]

@@ -170,3 +170,24 @@ def test_multiplication_free_kernel_matches_reference(tokens, m, n, stages):
     got = kernels.fairy2i_linear(x, codes, scales, bias)
     want = cl.fairy2i_linear_reference(x.double(), codes, scales, bias.double())
     assert got.shape == (tokens, 2 * m) and ((got.double() - want).abs().max() / want.abs().max()) < 1e-5  # float32 sums
+
+
+def test_quantisation_aware_fine_tuning_deploys_to_what_it_trained():
+    model = build("llama").double()
+    ids = token_ids(2, 8)
+    trainee = effcc.qat.fairy2i_prepare(model, stages=2)
+    assert sum(isinstance(m, effcc.qat.Fairy2iLinear) for m in trainee.modules()) == 14
+    assert not any(isinstance(m, effcc.qat.Fairy2iLinear) for m in model.modules())  # the caller's model is untouched
+    optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-3)
+    before = trainee.model.layers[0].mlp.up_proj.weight.detach().clone()
+    for _ in range(3):
+        loss = trainee(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        assert trainee.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0  # straight through the rounding
+        optimizer.step()
+    assert not torch.equal(before, trainee.model.layers[0].mlp.up_proj.weight)
+    deployed = effcc.optimize(effcc.qat.fairy2i_finish(trainee), (ids,), passes=["real_to_complex", ("fairy2i", {"stages": 2})])
+    with torch.no_grad():
+        want, got = trainee(ids).logits, deployed.model(ids).logits
+    assert ((got - want).abs().max() / want.abs().max()) < 1e-12
