@@ -88,7 +88,8 @@ def test_selection_by_name_and_what_is_refused():
     torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-12)
     # include / exclude are regular expressions on the weight name
     only_head = effcc.optimize(model, (x,), passes=[("real_to_complex", {"include": r"^head\."})])
-    assert [s.where for s in only_head.report.passes[-1].changed][0].startswith("head")
+    changed = only_head.report.passes[-1].changed
+    assert len(changed) == 1 and changed[0].where.startswith("head")
     none = effcc.optimize(model, (x,), passes=[("real_to_complex", {"exclude": "fine"})])
     assert not none.report.passes[-1].changed
 

@@ -1,0 +1,112 @@
+"""Fairy2i quality on the small GPT that effcc trains (held-out perplexity), 1-3 stages, with and
+without a short quantisation-aware fine-tune, against a real-valued binary quantiser with the
+same bits per weight (sign × mean |w| per tensor, residual stages: 1, 2, 3 bits).
+
+    python benchmarks/quality_fairy2i.py [--qat-steps 150]
+
+Reuses benchmarks/quality_tiny_gpt.py's corpus and trained weights (trains them if absent).
+JSON to benchmarks/results/quality_fairy2i.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model
+
+import effcc
+
+sys.path.insert(0, str(Path(__file__).parent))
+import quality_tiny_gpt as base
+
+
+def real_binary(weight: torch.Tensor, stages: int) -> torch.Tensor:
+    """Residual binarisation: each stage sign(r) · mean |r| (one bit per weight per stage)."""
+    residual, approx = weight.double(), torch.zeros_like(weight, dtype=torch.float64)
+    for _ in range(stages):
+        q = torch.sign(residual) * residual.abs().mean()
+        approx, residual = approx + q, residual - q
+    return approx.to(weight.dtype)
+
+
+def with_real_binary(model, stages: int):
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.startswith("blocks."):
+                module.weight.copy_(real_binary(module.weight, stages))
+    return model
+
+
+def fine_tune(model, data, steps: int):
+    g = torch.Generator().manual_seed(2)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        batch = base.windows(data, 32, g)
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--qat-steps", type=int, default=150)
+    parser.add_argument("--weights", type=Path, default=Path.home() / ".cache" / "effcc" / "tiny_gpt_corpus.safetensors")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality_fairy2i.json")
+    args = parser.parse_args()
+
+    data = torch.frombuffer(bytearray(base.corpus()), dtype=torch.uint8).long()
+    split = int(0.9 * len(data))
+    train_data, held_out = data[:split], data[split:]
+    torch.manual_seed(0)
+    model = base.TinyGPT(vocab=256, width=128, depth=4, heads=4, context=base.CONTEXT)
+    if not args.weights.exists():
+        base.train(model, train_data, 800)
+    else:
+        load_model(model, args.weights)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    evaluation = [base.windows(held_out, 16, g) for _ in range(16)]
+    example = (evaluation[0][:2, :-1],)
+
+    rows = {}
+
+    def report(name, value):
+        rows[name] = value
+        print(f"{name:40} perplexity {value:.3f}", flush=True)
+
+    report("fp32", base.perplexity(model, evaluation))
+    if args.qat_steps:  # the control: the same extra training without quantisation
+        control = copy.deepcopy(model)
+        fine_tune(control, train_data, args.qat_steps)
+        report(f"fp32 + {args.qat_steps} steps (control)", base.perplexity(control, evaluation))
+
+    for stages in (1, 2, 3):
+        passes = ["real_to_complex", ("fairy2i", {"stages": stages})]
+        report(f"Fairy2i {stages} stage(s) ({stages} bit/weight)", base.perplexity(effcc.optimize(model, example, passes).model, evaluation))
+        report(f"real binary, {stages} residual stage(s)", base.perplexity(with_real_binary(model, stages), evaluation))
+        if stages <= 2 and args.qat_steps:
+            start = time.perf_counter()
+            trainee = effcc.qat.fairy2i_prepare(model, stages=stages)
+            fine_tune(trainee, train_data, args.qat_steps)
+            deployed = effcc.optimize(effcc.qat.fairy2i_finish(trainee), example, passes).model
+            report(f"Fairy2i {stages} stage(s) + QAT {args.qat_steps} steps", base.perplexity(deployed, evaluation))
+            print(f"  (fine-tune {time.perf_counter() - start:.0f} s)")
+    result = {"model": "TinyGPT 4x128, byte vocabulary, trained by quality_tiny_gpt.py", "torch": torch.__version__,
+              "qat_steps": args.qat_steps, "perplexity": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
