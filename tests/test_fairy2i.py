@@ -136,6 +136,8 @@ def test_fairy2i_says_what_it_needs():
     assert "run real_to_complex first" in result.report.passes[-1].skipped[0].detail
     with pytest.raises(UnknownPassError, match="stages"):
         effcc.optimize(model, (ids,), passes=[("fairy2i", {"stages": 4})])
+    with pytest.raises(effcc.EffccError, match="no linear"):
+        effcc.qat.fairy2i_prepare(model, include="nothing-matches")
 
 
 @pytest.mark.parametrize("arch,passes", [("gpt2", ["real_to_complex"]), ("llama", ["real_to_complex", ("fairy2i", {"stages": 2})])], ids=["widely-linear", "fairy2i"])
@@ -173,21 +175,23 @@ def test_multiplication_free_kernel_matches_reference(tokens, m, n, stages):
     assert got.shape == (tokens, 2 * m) and ((got.double() - want).abs().max() / want.abs().max()) < 1e-5  # float32 sums
 
 
-def test_quantisation_aware_fine_tuning_deploys_to_what_it_trained():
-    model = build("llama").double()
+@pytest.mark.parametrize("arch,layers", [("llama", 14), ("gpt2", 8)])
+def test_quantisation_aware_fine_tuning_deploys_to_what_it_trained(arch, layers):
+    model = build(arch).double()
     ids = token_ids(2, 8)
     trainee = effcc.qat.fairy2i_prepare(model, stages=2)
-    assert sum(isinstance(m, effcc.qat.Fairy2iLinear) for m in trainee.modules()) == 14
-    assert not any(isinstance(m, effcc.qat.Fairy2iLinear) for m in model.modules())  # the caller's model is untouched
+    assert effcc.qat.prepared_layers(trainee) == layers
+    assert effcc.qat.prepared_layers(model) == 0  # the caller's model is untouched
     optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-3)
-    before = trainee.model.layers[0].mlp.up_proj.weight.detach().clone()
+    latent = [p for n, p in trainee.named_parameters() if n.endswith("parametrizations.weight.original")]
+    before = [p.detach().clone() for p in latent]
     for _ in range(3):
         loss = trainee(ids, labels=ids).loss
         optimizer.zero_grad()
         loss.backward()
-        assert trainee.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0  # straight through the rounding
+        assert all(p.grad.abs().sum() > 0 for p in latent)  # straight through the rounding
         optimizer.step()
-    assert not torch.equal(before, trainee.model.layers[0].mlp.up_proj.weight)
+    assert all(not torch.equal(b, p) for b, p in zip(before, latent))
     deployed = effcc.optimize(effcc.qat.fairy2i_finish(trainee), (ids,), passes=["real_to_complex", ("fairy2i", {"stages": 2})])
     with torch.no_grad():
         want, got = trainee(ids).logits, deployed.model(ids).logits
