@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model
 
 import effcc
 
@@ -45,17 +44,7 @@ def with_real_binary(model, stages: int):
 
 
 def fine_tune(model, data, steps: int):
-    g = torch.Generator().manual_seed(2)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        batch = base.windows(data, 32, g)
-        logits = model(batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    base.train(model, data, steps, lr=5e-4, weight_decay=0.0, one_cycle=False, seed=2)
 
 
 def main():
@@ -65,16 +54,7 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality_fairy2i.json")
     args = parser.parse_args()
 
-    data = torch.frombuffer(bytearray(base.corpus()), dtype=torch.uint8).long()
-    split = int(0.9 * len(data))
-    train_data, held_out = data[:split], data[split:]
-    torch.manual_seed(0)
-    model = base.TinyGPT(vocab=256, width=128, depth=4, heads=4, context=base.CONTEXT)
-    if not args.weights.exists():
-        base.train(model, train_data, 800)
-    else:
-        load_model(model, args.weights)
-    model.eval()
+    model, train_data, held_out = base.trained_model(args.weights, 800)
     g = torch.Generator().manual_seed(1)
     evaluation = [base.windows(held_out, 16, g) for _ in range(16)]
     example = (evaluation[0][:2, :-1],)

@@ -40,10 +40,11 @@ def windows(data: torch.Tensor, count: int, generator: torch.Generator) -> torch
     return torch.stack([data[s : s + CONTEXT + 1] for s in starts.tolist()])
 
 
-def train(model: TinyGPT, data: torch.Tensor, steps: int) -> None:
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+def train(model: TinyGPT, data: torch.Tensor, steps: int, lr: float = 3e-3, weight_decay: float = 0.1, one_cycle: bool = True, seed: int = 0) -> None:
+    """AdamW on random windows; one-cycle schedule for training from scratch, constant for fine-tuning."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps) if one_cycle else None
     model.train()
     for step in range(steps):
         batch = windows(data, 32, g)
@@ -52,7 +53,8 @@ def train(model: TinyGPT, data: torch.Tensor, steps: int) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        schedule.step()
+        if schedule is not None:
+            schedule.step()
         if step % 100 == 0:
             print(f"step {step:5d}  train loss {loss.item():.3f}", flush=True)
     model.eval()
@@ -68,6 +70,25 @@ def perplexity(fn, batches: list[torch.Tensor]) -> float:
     return math.exp(total / count)
 
 
+def trained_model(weights: Path, steps: int) -> tuple[TinyGPT, torch.Tensor, torch.Tensor]:
+    """(the model, training bytes, held-out bytes): trained here once, then loaded from `weights`."""
+    data = torch.frombuffer(bytearray(corpus()), dtype=torch.uint8).long()
+    split = int(0.9 * len(data))
+    train_data, held_out = data[:split], data[split:]
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=256, width=128, depth=4, heads=4, context=CONTEXT)
+    if weights.exists():
+        load_model(model, weights)
+        model.eval()
+    else:
+        start = time.perf_counter()
+        train(model, train_data, steps)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        save_model(model, weights)
+        print(f"trained in {time.perf_counter() - start:.0f} s, saved to {weights}")
+    return model, train_data, held_out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=800)
@@ -75,20 +96,8 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality_tiny_gpt.json")
     args = parser.parse_args()
 
-    data = torch.frombuffer(bytearray(corpus()), dtype=torch.uint8).long()
-    split = int(0.9 * len(data))
-    train_data, held_out = data[:split], data[split:]
-    torch.manual_seed(0)
-    model = TinyGPT(vocab=256, width=128, depth=4, heads=4, context=CONTEXT)
-    if args.weights.exists():
-        load_model(model, args.weights)
-        model.eval()
-    else:
-        start = time.perf_counter()
-        train(model, train_data, args.steps)
-        args.weights.parent.mkdir(parents=True, exist_ok=True)
-        save_model(model, args.weights)
-        print(f"trained in {time.perf_counter() - start:.0f} s, saved to {args.weights}")
+    model, train_data, held_out = trained_model(args.weights, args.steps)
+    split = len(train_data)
 
     g = torch.Generator().manual_seed(1)
     evaluation = [windows(held_out, 16, g) for _ in range(16)]
