@@ -4,8 +4,8 @@ Layout and math: effcc.ops.complex_linear.  For output row j, stage s and each o
 codes split the inputs into four sets; with z = x_r + i·x_i (z̄ for B):
     R = Σ_{code +1} z − Σ_{code −1} z,   I = Σ_{code +i} z − Σ_{code −i} z,
     contribution = s_re·R + i·s_im·I = (s_re·R_re − s_im·I_im) + i·(s_re·R_im + s_im·I_re).
-The inner loop only selects ±x or 0 and adds (no multiplication); the scales are applied once
-per row and stage, after the loop.  One program per (block of rows, stage): the stages are
+The inner loop only flips sign bits (XOR), selects and adds (no multiplication), into per-element
+sums reduced once after the loop; the scales are applied once per row and stage.  One program per (block of rows, stage): the stages are
 added by the last program of a row block to arrive, as the int4 kernel's split input dimension.
 For 1-16 tokens (decode); the 2-bit codes of a byte belong to inputs 4b + j, read as four
 strided slices of x so that the codes are never interleaved in registers.
@@ -21,9 +21,10 @@ from .quantized_linear import INTERPRETING, store_output_tile
 
 
 @triton.jit
-def _signed(x, code, plus: tl.constexpr, minus: tl.constexpr):
-    """x where code == plus, −x where code == minus, 0 elsewhere: a select, not a product."""
-    return tl.where(code == plus, x, tl.where(code == minus, -x, 0.0))
+def _flip_sign(x, code):
+    """x with its sign flipped where the code is −1 or −i (odd codes): an XOR of the sign bit."""
+    bits = x.to(tl.int32, bitcast=True) ^ ((code & 1).to(tl.int32) << 31)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -39,39 +40,48 @@ def _fairy2i_kernel(
     rb = tl.arange(0, BLOCK_B)  # code bytes along the input
     j_ok = rj < M_OUT
     m_ok = rm < M
-    zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    ar_re, ar_im, ai_re, ai_im = zero, zero, zero, zero  # A: R and I, real and imaginary parts
-    br_re, br_im, bi_re, bi_im = zero, zero, zero, zero  # B (on z̄)
-    codes_a = CODES + stage * stride_cs + rj[:, None].to(tl.int64) * stride_cr
+    # Per element sums, reduced once after the loop: for A and B (on z̄), R (codes ±1) and I (±i),
+    # real and imaginary parts.
+    zero = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B), dtype=tl.float32)
+    ar_re, ar_im, ai_re, ai_im = zero, zero, zero, zero
+    br_re, br_im, bi_re, bi_im = zero, zero, zero, zero
+    # codes read straight into the [1, BLOCK_N, BLOCK_B] layout of the sums (no reshuffle)
+    codes_a = CODES + stage * stride_cs + rj[None, :, None].to(tl.int64) * stride_cr
     codes_b = codes_a + stride_ct
     for b0 in range(0, N_IN // 4, BLOCK_B):
         b = b0 + rb
-        ok = j_ok[:, None] & (b[None, :] < N_IN // 4)
-        byte_a = tl.load(codes_a + b[None, :], mask=ok, other=0)
-        byte_b = tl.load(codes_b + b[None, :], mask=ok, other=0)
+        ok = j_ok[None, :, None] & (b[None, None, :] < N_IN // 4)
+        byte_a = tl.load(codes_a + b[None, None, :], mask=ok, other=0)
+        byte_b = tl.load(codes_b + b[None, None, :], mask=ok, other=0)
         for j in tl.static_range(4):  # input 4·b + j is bits 2j..2j+1 of byte b
-            ca = ((byte_a >> (2 * j)) & 3)[None, :, :]
-            cb = ((byte_b >> (2 * j)) & 3)[None, :, :]
+            ca = (byte_a >> (2 * j)) & 3
+            cb = (byte_b >> (2 * j)) & 3
             col = 4 * b + j
             x_ok = m_ok[:, None] & (col[None, :] < N_IN)
             xr = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
             xi = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + N_IN + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
-            ar_re += tl.sum(_signed(xr, ca, 0, 1), axis=2)
-            ar_im += tl.sum(_signed(xi, ca, 0, 1), axis=2)
-            ai_re += tl.sum(_signed(xr, ca, 2, 3), axis=2)
-            ai_im += tl.sum(_signed(xi, ca, 2, 3), axis=2)
-            br_re += tl.sum(_signed(xr, cb, 0, 1), axis=2)
-            br_im -= tl.sum(_signed(xi, cb, 0, 1), axis=2)  # z̄: the imaginary part flips
-            bi_re += tl.sum(_signed(xr, cb, 2, 3), axis=2)
-            bi_im -= tl.sum(_signed(xi, cb, 2, 3), axis=2)
+            # A: ±z goes to R when the code is ±1, to I when it is ±i
+            sr, si = _flip_sign(xr, ca), _flip_sign(xi, ca)
+            real_axis = ca < 2
+            ar_re += tl.where(real_axis, sr, 0.0)
+            ar_im += tl.where(real_axis, si, 0.0)
+            ai_re += tl.where(real_axis, 0.0, sr)
+            ai_im += tl.where(real_axis, 0.0, si)
+            # B acts on z̄: the imaginary part enters negated
+            sr, si = _flip_sign(xr, cb), _flip_sign(xi, cb)
+            real_axis = cb < 2
+            br_re += tl.where(real_axis, sr, 0.0)
+            br_im -= tl.where(real_axis, si, 0.0)
+            bi_re += tl.where(real_axis, 0.0, sr)
+            bi_im -= tl.where(real_axis, 0.0, si)
     # scales of this stage, per row: [A s_re, A s_im, B s_re, B s_im]
     s_ptr = SCALES + stage * (2 * M_OUT * 2) + rj * 2
     sa_re = tl.load(s_ptr, mask=j_ok, other=0.0)[None, :]
     sa_im = tl.load(s_ptr + 1, mask=j_ok, other=0.0)[None, :]
     sb_re = tl.load(s_ptr + M_OUT * 2, mask=j_ok, other=0.0)[None, :]
     sb_im = tl.load(s_ptr + M_OUT * 2 + 1, mask=j_ok, other=0.0)[None, :]
-    w_re = sa_re * ar_re - sa_im * ai_im + sb_re * br_re - sb_im * bi_im
-    w_im = sa_re * ar_im + sa_im * ai_re + sb_re * br_im + sb_im * bi_re
+    w_re = sa_re * tl.sum(ar_re, axis=2) - sa_im * tl.sum(ai_im, axis=2) + sb_re * tl.sum(br_re, axis=2) - sb_im * tl.sum(bi_im, axis=2)
+    w_im = sa_re * tl.sum(ar_im, axis=2) + sa_im * tl.sum(ai_re, axis=2) + sb_re * tl.sum(br_im, axis=2) + sb_im * tl.sum(bi_re, axis=2)
     # output columns: j (real part) and M_OUT + j (imaginary part); rows past the end are masked
     out = tl.reshape(tl.join(w_re, w_im), (BLOCK_M, 2 * BLOCK_N))
     rj2 = tl.reshape(tl.join(rj, rj + M_OUT), (2 * BLOCK_N,))
@@ -88,13 +98,16 @@ def fairy2i_linear(x, codes, scales, bias) -> torch.Tensor:
         raise ValueError(f"the Fairy2i kernel is for 1-16 tokens, not {m_tokens}")
     out = torch.empty((m_tokens, 2 * m_out), dtype=x.dtype, device=x.device)
     partial = torch.empty((stages * m_tokens * 2 * m_out,), dtype=torch.float32, device=x.device)
+    block_m = triton.next_power_of_2(max(m_tokens, 1))
     block_n = 16 if INTERPRETING else 32
+    # eight [BLOCK_M, BLOCK_N, BLOCK_B] accumulators live in registers: fewer bytes per step for more tokens
+    block_b = max(2, min(triton.next_power_of_2(quarter), 32 // block_m))
     arrived = torch.zeros((triton.cdiv(m_out, block_n),), dtype=torch.int32, device=x.device)
     codes = codes.contiguous()
     _fairy2i_kernel[(triton.cdiv(m_out, block_n), 1, stages)](
         x, codes, scales.float().contiguous(), bias if bias is not None else scales, out, partial, arrived,
         m_tokens, m_out, 4 * quarter, x.stride(0), codes.stride(0), codes.stride(1), codes.stride(2), out.stride(0),
         STAGES=stages, HAS_BIAS=bias is not None,
-        BLOCK_M=triton.next_power_of_2(max(m_tokens, 1)), BLOCK_N=block_n, BLOCK_B=min(triton.next_power_of_2(quarter), 32),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=4 if block_m == 1 else 8,
     )
     return out
