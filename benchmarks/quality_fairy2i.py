@@ -70,6 +70,8 @@ def gpt_rows(args) -> dict:
     for stages in (1, 2, 3):
         passes = ["real_to_complex", ("fairy2i", {"stages": stages})]
         report(f"Fairy2i {stages} stage(s) ({stages} bit/weight)", base.perplexity(effcc.optimize(model, example, passes).model, evaluation))
+        per_row = ["real_to_complex", ("fairy2i", {"stages": stages, "per_row": True})]
+        report(f"Fairy2i {stages} stage(s), scales per row", base.perplexity(effcc.optimize(model, example, per_row).model, evaluation))
         report(f"real binary, {stages} residual stage(s)", base.perplexity(with_real_binary(model, stages), evaluation))
         if stages <= 2 and args.qat_steps:
             trainee = effcc.qat.fairy2i_prepare(model, stages=stages)
@@ -109,6 +111,7 @@ def minilm_rows(args) -> dict:
     for stages in (1, 2, 3):
         passes = ["real_to_complex", ("fairy2i", {"stages": stages})]
         report(f"Fairy2i {stages} stage(s)", effcc.optimize(model, example, passes).model)
+        report(f"Fairy2i {stages} stage(s), scales per row", effcc.optimize(model, example, ["real_to_complex", ("fairy2i", {"stages": stages, "per_row": True})]).model)
         report(f"real binary, {stages} residual stage(s)", with_real_binary(model, stages))
         if stages <= 2 and args.qat_steps:
             trainee = effcc.qat.fairy2i_prepare(model, stages=stages)
