@@ -118,18 +118,26 @@ def unpack_codes(packed: Tensor) -> Tensor:
     return ((packed[..., None] >> shifts) & 3).reshape(*packed.shape[:-1], -1)
 
 
+def dequantize_parts(codes: Tensor, scales: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Packed codes [stages, 2, m, n/4] and scales [stages, 2, m, 2] → (A_re, A_im, B_re, B_im) [m, n] in
+    `dtype`, summed over the stages (real arithmetic: runs on any device)."""
+    index = unpack_codes(codes).long()
+    real_part = torch.tensor([1, -1, 0, 0], dtype=dtype, device=codes.device)[index]
+    imag_part = torch.tensor([0, 0, 1, -1], dtype=dtype, device=codes.device)[index]
+    re = (real_part * scales[..., 0:1].to(dtype)).sum(0)  # [2, m, n]
+    im = (imag_part * scales[..., 1:2].to(dtype)).sum(0)
+    return re[0], im[0], re[1], im[1]
+
+
 def dequantize_fairy2i(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    """Packed codes [stages, 2, m, n/4] and scales [stages, 2, m, 2] → (A, B) complex128 [m, n]."""
-    unpacked = unpack_codes(codes)
-    a = sum(dequantize_stage(unpacked[s, 0], scales[s, 0, :, 0], scales[s, 0, :, 1]) for s in range(codes.shape[0]))
-    b = sum(dequantize_stage(unpacked[s, 1], scales[s, 1, :, 0], scales[s, 1, :, 1]) for s in range(codes.shape[0]))
-    return a, b
+    """(A, B) complex128 [m, n]."""
+    a_re, a_im, b_re, b_im = dequantize_parts(codes, scales, torch.float64)
+    return torch.complex(a_re, a_im), torch.complex(b_re, b_im)
 
 
 def fairy2i_linear_reference(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    a, b = dequantize_fairy2i(codes, scales)
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    parts = [t.to(wide) for t in (a.real, a.imag, b.real, b.imag)]
+    parts = dequantize_parts(codes, scales, wide)
     y = widely_linear_reference(x.to(wide), *parts, None if bias is None else bias.to(wide))
     return y.to(x.dtype)
 
