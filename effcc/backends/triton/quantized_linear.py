@@ -6,19 +6,21 @@ int8_linear        int8 [M, K] × int8 [N, K]ᵀ → int32 on the tensor cores, 
                    by the tensor memory accelerator (TMA descriptors); the epilogue rescales
                    by row scale × channel scale, adds the bias and casts, so the int32
                    product never reaches memory.
-int4_linear        x [M, K] (bf16 / fp16 / fp32) × 4-bit weight codes [N, K / 2] with a scale
-                   and zero point per group of the input dimension.  Per group g and tile:
-                       Σ_k x_k (q_k − z) s = s · (Σ_k x_k q_k − z · Σ_k x_k)
-                   so the inner loop only turns codes into the activation's type (an OR and a
-                   OR: 0x4300 | q is the bfloat16 128 + q, 0x6400 | q the float16 1024 + q;
-                   the offset joins the zero point) and multiplies on the tensor cores;
-                   scale and zero point are applied once per group.  Even and odd input columns are two half-width
-                   products (x[:, 0::2] with the low nibbles, x[:, 1::2] with the high ones),
-                   so the codes are never interleaved in registers.  For few tokens (decode)
-                   the input dimension can be split over programs (SPLIT_K) to fill the GPU;
-                   the partial sums are added afterwards.
+int4_linear        x [M, K] (bf16 / fp16 / fp32) × 4-bit codes [N, K/2] with a scale and zero
+                   point per group of the input dimension, by token count:
+                   1 token     CUDA-core GEMV on the packed bytes: 0x4B000000 | q is the float
+                               2²³ + q, so one subtraction of (2²³ + z) gives q − z exactly;
+                               x read as its even and odd columns (low and high nibbles), in the
+                               layout the broadcast needs; sums per element, reduced once.
+                   2-16 tokens tensor cores on one 16-row tile: per group
+                                   Σ_k x_k (q_k − z) s = s · (Σ_k x_k q_k − z · Σ_k x_k),
+                               codes made bf16/fp16 by an OR (0x4300 | q is the bfloat16 128 + q,
+                               0x6400 | q the float16 1024 + q; the offset joins z).
+                   more        dequantise once (a Triton kernel) and the library GEMM.
+                   The decode kernels can split the input dimension over programs (SPLIT_K);
+                   the last program of a tile to arrive adds the partial sums (one launch).
 
-Both GEMMs are autotuned per (N, K, M bucket).  Under TRITON_INTERPRET=1 (CPU tests) each
+The GEMM and the decode kernels are autotuned per (N, K, M bucket).  Under TRITON_INTERPRET=1 (CPU tests) each
 has one small configuration so that tests stay fast.
 """
 
