@@ -22,12 +22,14 @@ def test_passes_lists_one_line_each(capsys):
     assert any(line.startswith("fold_norm_affine") and "[exact]" in line for line in lines)
 
 
-def test_optimize_a_factory_and_export(tmp_path, capsys):
+@pytest.mark.parametrize("passes", ["fold_norm_affine", "quantize_w8a8", "real_to_complex,fairy2i:stages=2"])
+def test_optimize_a_factory_and_export(passes, tmp_path, capsys):
     out = tmp_path / "tiny.onnx"
-    assert main(["optimize", "effcc.models:tiny_gpt", "--passes", "fold_norm_affine", "--export", str(out)]) == 0
+    assert main(["optimize", "effcc.models:tiny_gpt", "--passes", passes, "--export", str(out)]) == 0
     text = " ".join(capsys.readouterr().out.split())  # undo the console's line wrapping
     assert out.exists()
-    assert "fold_norm_affine" in text and "ONNX Runtime vs original" in text
+    against = "the original model" if passes == "fold_norm_affine" else "the rewritten (lossy) model"
+    assert passes.split(",")[-1].split(":")[0] in text and f"ONNX Runtime vs {against}" in text
 
 
 @pytest.mark.parametrize(
@@ -57,5 +59,5 @@ def test_console_script_demo_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "tiny_gpt.onnx").exists()
     text = " ".join(done.stdout.split())
-    assert "ONNX Runtime vs original" in text and "fold_norm_affine" in text
+    assert "ONNX Runtime vs the original model" in text and "fold_norm_affine" in text
     assert "Traceback" not in done.stderr
