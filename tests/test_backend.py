@@ -131,14 +131,18 @@ def test_crmsnorm_through_torch_compile_with_dynamic_shapes(caplog):
     assert any("applied ln_to_crmsnorm: 1 changed" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("quantize", ["quantize_w8a8", ("quantize_w4a16", {"group_size": 32})], ids=["w8a8", "w4a16"])
-def test_quantised_model_compiles_around_the_ops_and_equals_optimize(quantize, caplog):
+@pytest.mark.parametrize(
+    "passes",
+    [["quantize_w8a8"], [("quantize_w4a16", {"group_size": 32})], ["real_to_complex", ("fairy2i", {"stages": 2})]],
+    ids=["w8a8", "w4a16", "fairy2i"],
+)
+def test_quantised_model_compiles_around_the_ops_and_equals_optimize(passes, caplog):
     model = build("llama")
     ids = token_ids(2, 8)
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="effcc"):
-        want = effcc.optimize(model, (ids,), passes=[quantize]).model(ids).logits
-        got = torch.compile(model, backend="effcc", options={"passes": [quantize]})(ids).logits
+        want = effcc.optimize(model, (ids,), passes=passes).model(ids).logits
+        got = torch.compile(model, backend="effcc", options={"passes": passes})(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=COMPILE_ATOL)
-    name = quantize if isinstance(quantize, str) else quantize[0]
-    assert any(f"{name}: 14 changed" in r.getMessage() for r in caplog.records)  # 2 layers × 7 linears
+    last = passes[-1] if isinstance(passes[-1], str) else passes[-1][0]
+    assert any(f"{last}: 14 changed" in r.getMessage() for r in caplog.records)  # 2 layers × 7 linears
     assert (got - model(ids).logits).abs().max() > 0  # lossy: it really runs the quantised ops
