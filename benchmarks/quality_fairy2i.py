@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 
 import effcc
 from effcc.passes.real_to_complex import selected
@@ -44,6 +45,26 @@ def with_real_binary(model, stages: int):
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and selected(f"{name}.weight", None, None):
                 module.weight.copy_(real_binary(module.weight, stages))
+    return model
+
+
+class RealBinaryWeight(torch.nn.Module):
+    """The baseline's straight-through parametrization (as effcc.qat does for Fairy2i)."""
+
+    def __init__(self, stages: int):
+        super().__init__()
+        self.stages = stages
+
+    def forward(self, weight):
+        return weight + (real_binary(weight, self.stages) - weight).detach()
+
+
+def real_binary_trainee(model, stages: int):
+    """A copy whose binarised linears train with straight-through gradients (evaluated as is)."""
+    model = copy.deepcopy(model)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and selected(f"{name}.weight", None, None):
+            parametrize.register_parametrization(module, "weight", RealBinaryWeight(stages))
     return model
 
 
@@ -78,6 +99,9 @@ def gpt_rows(args) -> dict:
             fine_tune(trainee, train_data, args.qat_steps)
             deployed = effcc.optimize(effcc.qat.fairy2i_finish(trainee), example, passes).model
             report(f"Fairy2i {stages} stage(s) + QAT {args.qat_steps} steps", base.perplexity(deployed, evaluation))
+            baseline = real_binary_trainee(model, stages)
+            fine_tune(baseline, train_data, args.qat_steps)
+            report(f"real binary, {stages} stage(s) + QAT {args.qat_steps} steps", base.perplexity(baseline, evaluation))
     return rows
 
 
@@ -117,6 +141,9 @@ def minilm_rows(args) -> dict:
             trainee = effcc.qat.fairy2i_prepare(model, stages=stages)
             distil(trainee, args.qat_steps)
             report(f"Fairy2i {stages} stage(s) + QAT {args.qat_steps} steps", effcc.optimize(effcc.qat.fairy2i_finish(trainee), example, passes).model)
+            baseline = real_binary_trainee(model, stages)
+            distil(baseline, args.qat_steps)
+            report(f"real binary, {stages} stage(s) + QAT {args.qat_steps} steps", baseline)
     return rows
 
 
