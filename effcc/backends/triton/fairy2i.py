@@ -7,8 +7,9 @@ codes split the inputs into four sets; with z = x_r + i·x_i (z̄ for B):
 The inner loop only flips sign bits (XOR), selects and adds (no multiplication), into per-element
 sums reduced once after the loop; the scales are applied once per row and stage.  One program per (block of rows, stage): the stages are
 added by the last program of a row block to arrive, as the int4 kernel's split input dimension.
-For 1-16 tokens (decode); the 2-bit codes of a byte belong to inputs 4b + j, read as four
-strided slices of x so that the codes are never interleaved in registers.
+For 1-16 tokens (decode); the codes are read as int32 words (16 codes: inputs 16w + j) where
+the row length allows, else bytes, and x as 16 (or 4) strided slices, so that the codes are
+never interleaved in registers.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ def _flip_sign(x, code):
 def _fairy2i_kernel(
     X, CODES, SCALES, BIAS, C, PARTIAL, ARRIVED,
     M, M_OUT, N_IN, stride_xm, stride_cs, stride_ct, stride_cr, stride_cm,
-    STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, PER_UNIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    # CODES is read in units of PER_UNIT codes: bytes (4) or, where the row allows, int32 words (16)
     stage = tl.program_id(2)
     rm = tl.arange(0, BLOCK_M)
     rj = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # complex output rows
-    rb = tl.arange(0, BLOCK_B)  # code bytes along the input
+    rb = tl.arange(0, BLOCK_B)  # code units along the input
     j_ok = rj < M_OUT
     m_ok = rm < M
     # Per element sums, reduced once after the loop: for A and B (on z̄), R (codes ±1) and I (±i),
@@ -48,15 +50,15 @@ def _fairy2i_kernel(
     # codes read straight into the [1, BLOCK_N, BLOCK_B] layout of the sums (no reshuffle)
     codes_a = CODES + stage * stride_cs + rj[None, :, None].to(tl.int64) * stride_cr
     codes_b = codes_a + stride_ct
-    for b0 in range(0, N_IN // 4, BLOCK_B):
+    for b0 in range(0, N_IN // PER_UNIT, BLOCK_B):
         b = b0 + rb
-        ok = j_ok[None, :, None] & (b[None, None, :] < N_IN // 4)
-        byte_a = tl.load(codes_a + b[None, None, :], mask=ok, other=0)
-        byte_b = tl.load(codes_b + b[None, None, :], mask=ok, other=0)
-        for j in tl.static_range(4):  # input 4·b + j is bits 2j..2j+1 of byte b
-            ca = (byte_a >> (2 * j)) & 3
-            cb = (byte_b >> (2 * j)) & 3
-            col = 4 * b + j
+        ok = j_ok[None, :, None] & (b[None, None, :] < N_IN // PER_UNIT)
+        unit_a = tl.load(codes_a + b[None, None, :], mask=ok, other=0)
+        unit_b = tl.load(codes_b + b[None, None, :], mask=ok, other=0)
+        for j in tl.static_range(PER_UNIT):  # input PER_UNIT·b + j is bits 2j..2j+1 of unit b
+            ca = (unit_a >> (2 * j)) & 3
+            cb = (unit_b >> (2 * j)) & 3
+            col = PER_UNIT * b + j
             x_ok = m_ok[:, None] & (col[None, :] < N_IN)
             xr = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
             xi = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + N_IN + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
@@ -100,14 +102,18 @@ def fairy2i_linear(x, codes, scales, bias) -> torch.Tensor:
     partial = torch.empty((stages * m_tokens * 2 * m_out,), dtype=torch.float32, device=x.device)
     block_m = triton.next_power_of_2(max(m_tokens, 1))
     block_n = 16 if INTERPRETING else 32
-    # eight [BLOCK_M, BLOCK_N, BLOCK_B] accumulators live in registers: fewer bytes per step for more tokens
-    block_b = max(2, min(triton.next_power_of_2(quarter), 32 // block_m))
+    # eight [BLOCK_M, BLOCK_N, BLOCK_B] accumulators live in registers: fewer units per step for more tokens
     arrived = torch.zeros((triton.cdiv(m_out, block_n),), dtype=torch.int32, device=x.device)
     codes = codes.contiguous()
+    per_unit = 16 if quarter % 4 == 0 else 4  # int32 words (little-endian: byte k holds inputs 4k..4k+3)
+    if per_unit == 16:
+        codes = codes.view(torch.int32)
+    units = codes.shape[-1]
+    block_b = max(2, min(triton.next_power_of_2(units), (32 if per_unit == 4 else 8) // block_m))
     _fairy2i_kernel[(triton.cdiv(m_out, block_n), 1, stages)](
         x, codes, scales.float().contiguous(), bias if bias is not None else scales, out, partial, arrived,
         m_tokens, m_out, 4 * quarter, x.stride(0), codes.stride(0), codes.stride(1), codes.stride(2), out.stride(0),
-        STAGES=stages, HAS_BIAS=bias is not None,
+        STAGES=stages, HAS_BIAS=bias is not None, PER_UNIT=per_unit,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=4 if block_m == 1 else 8,
     )
     return out
