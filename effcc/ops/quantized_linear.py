@@ -32,11 +32,18 @@ def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale.float()
 
 
-def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token (last dim) symmetric int8: (q int8, scale float32 [..., 1])."""
-    xd = x.double()
+def quantize_per_token_int8(x: Tensor, compute_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """Per-token (last dim) symmetric int8: (q int8, scale float32 [..., 1]), computed in `compute_dtype`."""
+    xd = x.to(compute_dtype)
     scale = (xd.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
     return torch.round(xd / scale).clamp(-127, 127).to(torch.int8), scale.float()
+
+
+def quantize_per_token_int8_f32(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token quantisation as the kernels do it (float32 arithmetic).
+
+    Written in ATen ops so that a compiler can fuse it into the op producing x."""
+    return quantize_per_token_int8(x, torch.float32)
 
 
 def fake_quant_w8a8(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,14 +53,18 @@ def fake_quant_w8a8(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return xq.double() * xs.double(), wq.double() * ws.double()[:, None]
 
 
-def w8a8_linear_reference(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
-    xq, xs = quantize_per_token_int8(x)
+def int8_linear_reference(xq: Tensor, x_scale: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """(xq int8 [..., in], x_scale float32 [..., 1]) × (qweight int8 [out, in], weight_scale [out]) + bias."""
     # int8 × int8 sums are integers below 2^53: float64 holds them exactly, as int32 would.
-    acc = xq.double() @ qweight.double().t()
-    y = acc * xs.double() * weight_scale.double()
+    y = (xq.double() @ qweight.double().t()) * x_scale.double() * weight_scale.double()
     if bias is not None:
         y = y + bias.double()
-    return y.to(x.dtype)
+    return y.to(out_dtype)
+
+
+def w8a8_linear_reference(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    xq, xs = quantize_per_token_int8(x)
+    return int8_linear_reference(xq, xs, qweight, weight_scale, bias, x.dtype)
 
 
 w8a8_linear = custom_op("effcc::w8a8_linear", w8a8_linear_reference, mutates_args=())
@@ -81,23 +92,6 @@ def _(x, qweight, weight_scale, bias):
 
     xq, xs = kernels.quantize_rows(_rows(x))
     return kernels.int8_linear(xq, xs, qweight, weight_scale, bias, x.dtype).view(*x.shape[:-1], -1)
-
-
-def quantize_per_token_int8_f32(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token quantisation as the kernels do it (float32 arithmetic): (int8, float32 [..., 1]).
-
-    Written in ATen ops so that a compiler can fuse it into the op producing x."""
-    xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
-    return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
-
-
-def int8_linear_reference(xq: Tensor, x_scale: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """(xq int8 [..., in], x_scale float32 [..., 1]) × (qweight int8 [out, in], weight_scale [out]) + bias."""
-    y = (xq.double() @ qweight.double().t()) * x_scale.double() * weight_scale.double()
-    if bias is not None:
-        y = y + bias.double()
-    return y.to(out_dtype)
 
 
 int8_linear = custom_op("effcc::int8_linear", int8_linear_reference, mutates_args=())

@@ -38,18 +38,19 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # int4 kernel's products run on float32 copies of the same exact values.
 
 
-def _configs(full: list[dict], small: dict) -> list[triton.Config]:
-    chosen = [small] if INTERPRETING else full
+def _configs(full: list[dict], small: dict, pre_hook=None) -> list[triton.Config]:
+    """Autotuning configurations: `full` on a GPU, only `small` in the interpreter."""
     out = []
-    for c in chosen:
+    for c in [small] if INTERPRETING else full:
         c = dict(c)
         warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 3)
-        out.append(triton.Config(c, num_warps=warps, num_stages=stages))
+        out.append(triton.Config(c, num_warps=warps, num_stages=stages, pre_hook=pre_hook))
     return out
 
 
 def m_bucket(m: int) -> int:
-    """Autotuning key for the token count: decode sizes exactly, then powers of two."""
+    """Autotuning key for the token count (the kernels' M_BUCKET argument, used only as a key):
+    decode sizes exactly, then powers of two."""
     return m if m <= 16 else min(triton.next_power_of_2(m), 4096)
 
 
@@ -93,19 +94,18 @@ def _set_tile_boxes(nargs):
     nargs["B"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def _int8_configs() -> list[triton.Config]:
-    full = [
-        (128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (256, 128, 128, 8, 8, 4),
-        (64, 128, 128, 8, 4, 4), (64, 64, 128, 8, 4, 5), (64, 256, 128, 8, 8, 3),  # small M (decode)
-    ]
-    small = [(16, 32, 32, 1, 4, 2)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}, num_warps=w, num_stages=st, pre_hook=_set_tile_boxes)
-        for bm, bn, bk, gm, w, st in (small if INTERPRETING else full)
-    ]
+_INT8_CONFIGS = _configs(
+    [
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": w, "num_stages": st}
+        for bm, bn, w, st in [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4),
+                              (64, 128, 4, 4), (64, 64, 4, 5), (64, 256, 8, 3)]  # the last three: small M (decode)
+    ],
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 2},
+    pre_hook=_set_tile_boxes,
+)
 
 
-@triton.autotune(configs=_int8_configs(), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=_INT8_CONFIGS, key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _int8_linear_kernel(
     A, B, A_SCALE, B_SCALE, BIAS, C,
@@ -172,7 +172,7 @@ def int8_linear(xq, x_scale, qweight, weight_scale, bias, out_dtype) -> torch.Te
 # ---- 4-bit weights, 16-bit activations -----------------------------------------------------------
 @triton.jit
 def store_output_tile(acc, pid_k, rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm,
-            HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Write acc (+ bias) as the output; with a split input dimension, add the splits first.
 
     Every split leaves its partial sum; the last program of a tile to arrive (counted with an
@@ -249,7 +249,7 @@ def _int4_mma_kernel(
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """5-16 tokens: tensor-core products of one 16-row tile with the codes, scale per group."""
+    """2-16 tokens: tensor-core products of one 16-row tile with the codes, scale per group."""
     HALF: tl.constexpr = GROUP // 2
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -319,6 +319,7 @@ def _dequantize_int4_kernel(QW, SCALES, ZEROS, W, N, stride_qn, stride_sn, strid
     tl.store(W + rn[:, None].to(tl.int64) * stride_wn + g * GROUP + tl.arange(0, GROUP)[None, :], w.to(W.dtype.element_ty), mask=n_ok)
 
 
+SMALLEST_BLOCK_N = 4  # of any int4 decode configuration: one arrival counter per such block
 GEMV_TOKENS = 1  # up to here: CUDA-core GEMV; then tensor cores on one 16-row tile
 MMA_TOKENS = 16  # above: dequantise once and use the library GEMM (compute-bound, weight reused)
 
@@ -381,7 +382,7 @@ def int4_linear(x, qweight, scales, zeros, group_size: int, bias) -> torch.Tenso
     # Room for 8 partial sums per output and an arrival counter per tile, zeroed per call so
     # that calls on different streams never share counters.
     partial = torch.empty((8 * m * n,), dtype=torch.float32, device=x.device)
-    arrived = torch.zeros((triton.cdiv(n, 8),), dtype=torch.int32, device=x.device)
+    arrived = torch.zeros((triton.cdiv(n, SMALLEST_BLOCK_N),), dtype=torch.int32, device=x.device)
     args = (x, qweight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
             m, n, k, m_bucket(m), x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
     if m <= GEMV_TOKENS:
