@@ -107,11 +107,15 @@ def model_rows(name, model, inputs, train: bool) -> list[dict]:
     model.eval()  # dropout is 0 anyway; eval keeps the graphs the same
     reference = None
     rows = []
+    crmsnorm = {"passes": ["fold_norm_affine", "ln_to_crmsnorm"]}
     variants = [
         ("eager", lambda: model),
         ("inductor", lambda: torch.compile(model, backend="inductor")),
         ("effcc", lambda: torch.compile(model, backend="effcc")),
         ("effcc, no kernels", lambda: torch.compile(model, backend="effcc", options={"kernels": False})),
+        # Pre-CRMSNorm: the stream is d-1 wide (inference only: its weights are rewritten as constants)
+        ("effcc crmsnorm", lambda: torch.compile(model, backend="effcc", options=crmsnorm)),
+        ("effcc crmsnorm, no kernels", lambda: torch.compile(model, backend="effcc", options={**crmsnorm, "kernels": False})),
     ]
     torch._functorch.config.donated_buffer = True  # whole training steps run as they would for a user
     for label, make in variants:
@@ -127,7 +131,7 @@ def model_rows(name, model, inputs, train: bool) -> list[dict]:
             err = ((out - reference).abs().max() / reference.abs().max()).item()
             fwd = bench(lambda: fn(*inputs))
         row = {"model": name, "variant": label, "forward_ms": fwd, "first_call_s": first, "rel_err_vs_eager": err}
-        if train:
+        if train and "crmsnorm" not in label:
             params = [p for p in model.parameters()]
 
             def step():
@@ -150,13 +154,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer kernel sizes, GPT-2-medium only")
     parser.add_argument("--models", default="gpt2-medium,vit-l16,narrow-long", help="comma-separated; 'none' for kernels only")
+    parser.add_argument("--no-kernel-rows", action="store_true", help="skip the kernel bandwidth table")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rmsnorm.json")
     args = parser.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("effcc").setLevel(logging.INFO)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": kernel_rows(args.quick), "models": []}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": [] if args.no_kernel_rows else kernel_rows(args.quick), "models": []}
     for row in result["kernels"]:
         print(f"{row['kernel']:30} d={row['d']:5} {row['ms'] * 1e3:8.1f} µs {row['GBps']:7.0f} GB/s {100 * row['of_copy_bw']:5.1f}% of copy")
     ids = lambda b, t, v=50257: torch.randint(0, v, (b, t), device=DEVICE)  # noqa: E731
@@ -176,7 +181,7 @@ def main():
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\ndevice: {result['device']}, torch {result['torch']}")
     for r in result["models"]:
-        train = f"{r['train_step_ms']:8.2f} ms ({r['train_vs_inductor']:.3f}x)" if "train_step_ms" in r else ""
+        train = f"{r['train_step_ms']:8.2f} ms ({r['train_vs_inductor']:.3f}x)" if "train_step_ms" in r else "-"
         print(f"{r['model'][:38]:38} {r['variant']:18} fwd {r['forward_ms']:8.2f} ms ({r['forward_vs_inductor']:.3f}x) train {train} err {r['rel_err_vs_eager']:.1e}")
 
 

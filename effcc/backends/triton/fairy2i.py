@@ -1,15 +1,16 @@
-"""Triton kernel for Fairy2i layers: products with {±1, ±i} codes by selects and adds only.
+"""Triton kernel for Fairy2i layers: products with {±1, ±i} codes without multiplying by weights.
 
-Layout and math: effcc.ops.complex_linear.  For output row j, stage s and each of A, B, the
-codes split the inputs into four sets; with z = x_r + i·x_i (z̄ for B):
-    R = Σ_{code +1} z − Σ_{code −1} z,   I = Σ_{code +i} z − Σ_{code −i} z,
-    contribution = s_re·R + i·s_im·I = (s_re·R_re − s_im·I_im) + i·(s_re·R_im + s_im·I_re).
-The inner loop only flips sign bits (XOR), selects and adds (no multiplication), into per-element
-sums reduced once after the loop; the scales are applied once per row and stage.  One program per (block of rows, stage): the stages are
-added by the last program of a row block to arrive, as the int4 kernel's split input dimension.
-For 1-16 tokens (decode); the codes are read as int32 words (16 codes: inputs 16w + j) where
-the row length allows, else bytes, and x as 16 (or 4) strided slices, so that the codes are
-never interleaved in registers.
+Layout and math: effcc.ops.complex_linear.  A code is P + iQ with P, Q ∈ {−1, 0, 1}; with
+a = bit 0 and b = bit 1 of the code, P = 1 − a − (a XOR b) and Q = (a XOR b) − a.  So for output
+row j, stage s and each of A, B, with z = x_r + i·x_i (z̄ for B), only two 0/1 sums are needed per
+input part, Σ_a x and Σ_{a XOR b} x, and
+    contribution = s_re·P·z + i·s_im·Q·z.
+A bit enters the sums as the float 1 + bit/2 (the bit moved into the mantissa of 1.0: a shift
+and a LOP3, no conversion, no select) times 2x: four FMAs per code, into per-element sums
+reduced once after the loop; the scales are applied once per row and stage.  Programs split
+(rows, stage × part of the input); the last program of a row block to arrive adds the parts
+(store_output_tile).  For 1-16 tokens (decode); the codes are read as int32 words (16 codes:
+inputs 16w + j) where the row length allows, else bytes, and x as 16 (or 4) strided slices.
 """
 
 from __future__ import annotations
@@ -18,78 +19,122 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantized_linear import INTERPRETING, store_output_tile
+from .quantized_linear import _configs, arrival_counters, store_output_tile
 
 
 @triton.jit
-def _flip_sign(x, code):
-    """x with its sign flipped where the code is −1 or −i (odd codes): an XOR of the sign bit."""
-    bits = x.to(tl.int32, bitcast=True) ^ ((code & 1).to(tl.int32) << 31)
-    return bits.to(tl.float32, bitcast=True)
+def _code_bit_sums(unit, x_re, x_im, j: tl.constexpr, EXPONENT_OF_ONE):
+    """For code j of each unit (bits 2j = a, 2j+1 = b): the products of x with the floats
+    1 + a/2 and 1 + (a XOR b)/2, made by moving the bit to bit 22 of the mantissa of 1.0 (a shift
+    and one LOP3 each, no conversion).  Returned as four [.., BLOCK_B] products to accumulate."""
+    mixed = unit ^ (unit >> 1)  # bit 2j: a XOR b
+    if 2 * j <= 22:
+        t_a = unit << (22 - 2 * j)
+        t_e = mixed << (22 - 2 * j)
+    else:
+        t_a = unit >> (2 * j - 22)
+        t_e = mixed >> (2 * j - 22)
+    f_a = ((t_a & 0x400000) | EXPONENT_OF_ONE).to(tl.float32, bitcast=True)
+    f_e = ((t_e & 0x400000) | EXPONENT_OF_ONE).to(tl.float32, bitcast=True)
+    return f_a * x_re, f_a * x_im, f_e * x_re, f_e * x_im
 
 
 @triton.jit
 def _fairy2i_kernel(
     X, CODES, SCALES, BIAS, C, PARTIAL, ARRIVED,
-    M, M_OUT, N_IN, stride_xm, stride_cs, stride_ct, stride_cr, stride_cm,
-    STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, PER_UNIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    M, M_OUT, N_IN, stride_xm, stride_cs, stride_ct, stride_cr, stride_cm, EXPONENT_OF_ONE, M_BUCKET,
+    HAS_BIAS: tl.constexpr, PER_UNIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # CODES is read in units of PER_UNIT codes: bytes (4) or, where the row allows, int32 words (16)
-    stage = tl.program_id(2)
+    # Grid: (row blocks, 1, stages × SPLIT); each program takes one stage and one SPLIT-th of the
+    # input, for A and B; the stages and splits are added by the last program to arrive.
+    stage = tl.program_id(2) // SPLIT
+    split = tl.program_id(2) % SPLIT
     rm = tl.arange(0, BLOCK_M)
     rj = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # complex output rows
     rb = tl.arange(0, BLOCK_B)  # code units along the input
     j_ok = rj < M_OUT
     m_ok = rm < M
-    # Per element sums, reduced once after the loop: for A and B (on z̄), R (codes ±1) and I (±i),
-    # real and imaginary parts.
+    units = N_IN // PER_UNIT
+    per_split = tl.cdiv(tl.cdiv(units, SPLIT), BLOCK_B) * BLOCK_B
+    u_start = split * per_split
+    u_end = tl.minimum(u_start + per_split, units)
+    # Codes 0, 1, 2, 3 = +1, −1, +i, −i have (a, b) = (bit 0, bit 1) = 00, 10, 01, 11; the code is
+    # P + iQ with P = 1 − a − (a XOR b) and Q = (a XOR b) − a, both linear in the two bits.  So
+    # each row needs only two 0/1 sums per input part, Σ_a x and Σ_{a XOR b} x, accumulated as
+    # 2x·(1 + bit/2) = 2x + bit·x (_code_bit_sums).
     zero = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B), dtype=tl.float32)
-    ar_re, ar_im, ai_re, ai_im = zero, zero, zero, zero
-    br_re, br_im, bi_re, bi_im = zero, zero, zero, zero
-    # codes read straight into the [1, BLOCK_N, BLOCK_B] layout of the sums (no reshuffle)
+    aa_re, aa_im, ae_re, ae_im = zero, zero, zero, zero  # A: Σ 2x·f_a, Σ 2x·f_e (re, im)
+    ba_re, ba_im, be_re, be_im = zero, zero, zero, zero  # B on z̄: the imaginary input part negated
+    x_re_sum = tl.zeros((BLOCK_M, 1, BLOCK_B), dtype=tl.float32)
+    x_im_sum = tl.zeros((BLOCK_M, 1, BLOCK_B), dtype=tl.float32)
     codes_a = CODES + stage * stride_cs + rj[None, :, None].to(tl.int64) * stride_cr
     codes_b = codes_a + stride_ct
-    for b0 in range(0, N_IN // PER_UNIT, BLOCK_B):
+    for b0 in range(u_start, u_end, BLOCK_B):
         b = b0 + rb
-        ok = j_ok[None, :, None] & (b[None, None, :] < N_IN // PER_UNIT)
-        unit_a = tl.load(codes_a + b[None, None, :], mask=ok, other=0)
-        unit_b = tl.load(codes_b + b[None, None, :], mask=ok, other=0)
+        ok = j_ok[None, :, None] & (b[None, None, :] < u_end)
+        unit_a = tl.load(codes_a + b[None, None, :], mask=ok, other=0).to(tl.int32)
+        unit_b = tl.load(codes_b + b[None, None, :], mask=ok, other=0).to(tl.int32)
         for j in tl.static_range(PER_UNIT):  # input PER_UNIT·b + j is bits 2j..2j+1 of unit b
-            ca = (unit_a >> (2 * j)) & 3
-            cb = (unit_b >> (2 * j)) & 3
             col = PER_UNIT * b + j
-            x_ok = m_ok[:, None] & (col[None, :] < N_IN)
-            xr = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
-            xi = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + N_IN + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
-            # A: ±z goes to R when the code is ±1, to I when it is ±i
-            sr, si = _flip_sign(xr, ca), _flip_sign(xi, ca)
-            real_axis = ca < 2
-            ar_re += tl.where(real_axis, sr, 0.0)
-            ar_im += tl.where(real_axis, si, 0.0)
-            ai_re += tl.where(real_axis, 0.0, sr)
-            ai_im += tl.where(real_axis, 0.0, si)
-            # B acts on z̄: the imaginary part enters negated
-            sr, si = _flip_sign(xr, cb), _flip_sign(xi, cb)
-            real_axis = cb < 2
-            br_re += tl.where(real_axis, sr, 0.0)
-            br_im -= tl.where(real_axis, si, 0.0)
-            bi_re += tl.where(real_axis, 0.0, sr)
-            bi_im -= tl.where(real_axis, 0.0, si)
+            x_ok = m_ok[:, None] & (b[None, :] < u_end)
+            x_re = 2.0 * tl.load(X + rm[:, None].to(tl.int64) * stride_xm + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+            x_im = 2.0 * tl.load(X + rm[:, None].to(tl.int64) * stride_xm + N_IN + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+            x_re_sum += x_re
+            x_im_sum += x_im
+            d_are, d_aim, d_ere, d_eim = _code_bit_sums(unit_a, x_re, x_im, j, EXPONENT_OF_ONE)
+            aa_re += d_are
+            aa_im += d_aim
+            ae_re += d_ere
+            ae_im += d_eim
+            d_are, d_aim, d_ere, d_eim = _code_bit_sums(unit_b, x_re, x_im, j, EXPONENT_OF_ONE)
+            ba_re += d_are
+            ba_im += d_aim
+            be_re += d_ere
+            be_im += d_eim
+    # Σ x = S/2 with S = Σ 2x; Σ_a x = Σ 2x·f_a − S, likewise for a XOR b; so
+    # P·x = S/2 − (Σ 2x·f_a − S) − (Σ 2x·f_e − S) = 2.5·S − Σ 2x·f_a − Σ 2x·f_e,  Q·x = Σ 2x·f_e − Σ 2x·f_a.
+    s_re = tl.sum(x_re_sum, axis=2)  # [BLOCK_M, 1]
+    s_im = tl.sum(x_im_sum, axis=2)
+    pa_re = 2.5 * s_re - tl.sum(aa_re, axis=2) - tl.sum(ae_re, axis=2)
+    pa_im = 2.5 * s_im - tl.sum(aa_im, axis=2) - tl.sum(ae_im, axis=2)
+    qa_re = tl.sum(ae_re, axis=2) - tl.sum(aa_re, axis=2)
+    qa_im = tl.sum(ae_im, axis=2) - tl.sum(aa_im, axis=2)
+    pb_re = 2.5 * s_re - tl.sum(ba_re, axis=2) - tl.sum(be_re, axis=2)
+    pb_im = 2.5 * s_im - tl.sum(ba_im, axis=2) - tl.sum(be_im, axis=2)
+    qb_re = tl.sum(be_re, axis=2) - tl.sum(ba_re, axis=2)
+    qb_im = tl.sum(be_im, axis=2) - tl.sum(ba_im, axis=2)
     # scales of this stage, per row: [A s_re, A s_im, B s_re, B s_im]
     s_ptr = SCALES + stage * (2 * M_OUT * 2) + rj * 2
     sa_re = tl.load(s_ptr, mask=j_ok, other=0.0)[None, :]
     sa_im = tl.load(s_ptr + 1, mask=j_ok, other=0.0)[None, :]
     sb_re = tl.load(s_ptr + M_OUT * 2, mask=j_ok, other=0.0)[None, :]
     sb_im = tl.load(s_ptr + M_OUT * 2 + 1, mask=j_ok, other=0.0)[None, :]
-    w_re = sa_re * tl.sum(ar_re, axis=2) - sa_im * tl.sum(ai_im, axis=2) + sb_re * tl.sum(br_re, axis=2) - sb_im * tl.sum(bi_im, axis=2)
-    w_im = sa_re * tl.sum(ar_im, axis=2) + sa_im * tl.sum(ai_re, axis=2) + sb_re * tl.sum(br_im, axis=2) + sb_im * tl.sum(bi_re, axis=2)
+    # A z = (s_re P + i s_im Q)(x_re + i x_im);  B z̄ = (s_re P + i s_im Q)(x_re − i x_im)
+    w_re = sa_re * pa_re - sa_im * qa_im + sb_re * pb_re + sb_im * qb_im
+    w_im = sa_re * pa_im + sa_im * qa_re - sb_re * pb_im + sb_im * qb_re
     # output columns: j (real part) and M_OUT + j (imaginary part); rows past the end are masked
     out = tl.reshape(tl.join(w_re, w_im), (BLOCK_M, 2 * BLOCK_N))
     rj2 = tl.reshape(tl.join(rj, rj + M_OUT), (2 * BLOCK_N,))
     ok2 = tl.reshape(tl.join(j_ok, j_ok), (2 * BLOCK_N,))
     cols = tl.where(ok2, rj2, 2 * M_OUT)
-    store_output_tile(out, stage, rm, cols, M, 2 * M_OUT, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, STAGES, BLOCK_M, 2 * BLOCK_N)
+    store_output_tile(out, tl.program_id(2), rm, cols, M, 2 * M_OUT, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, BLOCK_M, 2 * BLOCK_N)
+
+
+MAX_SPLIT = 16
+SMALLEST_BLOCK_N = 16
+
+_fairy2i = triton.autotune(
+    configs=_configs(
+        [
+            {"BLOCK_N": bn, "BLOCK_B": bb, "SPLIT": sp, "num_warps": w, "num_stages": 1}
+            for bn, bb, sp, w in [(32, 8, 1, 4), (32, 8, 4, 4), (32, 4, 8, 4), (16, 8, 8, 4), (16, 4, 16, 4), (64, 4, 4, 4),
+                                  (32, 8, 8, 8), (64, 8, 8, 8), (32, 2, 16, 4), (16, 8, 4, 4)]
+        ],
+        {"BLOCK_N": 16, "BLOCK_B": 2, "SPLIT": 2},
+    ),
+    key=["M_BUCKET", "M_OUT", "N_IN", "PER_UNIT"],
+)(_fairy2i_kernel)
 
 
 def fairy2i_linear(x, codes, scales, bias) -> torch.Tensor:
@@ -99,21 +144,15 @@ def fairy2i_linear(x, codes, scales, bias) -> torch.Tensor:
     if m_tokens > 16:
         raise ValueError(f"the Fairy2i kernel is for 1-16 tokens, not {m_tokens}")
     out = torch.empty((m_tokens, 2 * m_out), dtype=x.dtype, device=x.device)
-    partial = torch.empty((stages * m_tokens * 2 * m_out,), dtype=torch.float32, device=x.device)
-    block_m = triton.next_power_of_2(max(m_tokens, 1))
-    block_n = 16 if INTERPRETING else 32
-    # eight [BLOCK_M, BLOCK_N, BLOCK_B] accumulators live in registers: fewer units per step for more tokens
-    arrived = torch.zeros((triton.cdiv(m_out, block_n),), dtype=torch.int32, device=x.device)
+    partial = torch.empty((stages * MAX_SPLIT * m_tokens * 2 * m_out,), dtype=torch.float32, device=x.device)
+    arrived = arrival_counters(x.device, triton.cdiv(m_out, SMALLEST_BLOCK_N))
     codes = codes.contiguous()
     per_unit = 16 if quarter % 4 == 0 else 4  # int32 words (little-endian: byte k holds inputs 4k..4k+3)
     if per_unit == 16:
         codes = codes.view(torch.int32)
-    units = codes.shape[-1]
-    block_b = max(2, min(triton.next_power_of_2(units), (32 if per_unit == 4 else 8) // block_m))
-    _fairy2i_kernel[(triton.cdiv(m_out, block_n), 1, stages)](
+    _fairy2i[lambda meta: (triton.cdiv(m_out, meta["BLOCK_N"]), 1, stages * meta["SPLIT"])](
         x, codes, scales.float().contiguous(), bias if bias is not None else scales, out, partial, arrived,
         m_tokens, m_out, 4 * quarter, x.stride(0), codes.stride(0), codes.stride(1), codes.stride(2), out.stride(0),
-        STAGES=stages, HAS_BIAS=bias is not None, PER_UNIT=per_unit,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=4 if block_m == 1 else 8,
+        0x3F800000, m_tokens, HAS_BIAS=bias is not None, PER_UNIT=per_unit, BLOCK_M=triton.next_power_of_2(m_tokens),
     )
     return out

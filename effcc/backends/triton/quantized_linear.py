@@ -172,31 +172,54 @@ def int8_linear(xq, x_scale, qweight, weight_scale, bias, out_dtype) -> torch.Te
 # ---- 4-bit weights, 16-bit activations -----------------------------------------------------------
 @triton.jit
 def store_output_tile(acc, pid_k, rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm,
-                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Write acc (+ bias) as the output; with a split input dimension, add the splits first.
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write acc (+ bias) as the output; with a split input dimension (the grid's third axis,
+    pid_k = tl.program_id(2)), add the splits first.
 
     Every split leaves its partial sum; the last program of a tile to arrive (counted with an
-    acquire/release atomic) adds them up and writes the output: one launch, no output memset."""
+    acquire/release atomic) adds them up, writes the output and sets the tile's counter back
+    to zero for the next launch (arrival_counters): one launch, no memset."""
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    last = True
-    if SPLIT_K > 1:
+    splits = tl.num_programs(2)
+    last = splits == 1
+    if splits > 1:
         offsets = rm[:, None] * N + rn[None, :]
         tl.store(PARTIAL + pid_k * M * N + offsets, acc, mask=mask)
         tl.debug_barrier()
         tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        last = tl.atomic_add(ARRIVED + tile, 1, sem="acq_rel") == SPLIT_K - 1
+        last = tl.atomic_add(ARRIVED + tile, 1, sem="acq_rel") == splits - 1
         if last:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for split in range(SPLIT_K):
+            for split in range(splits):
                 acc += tl.load(PARTIAL + split * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(ARRIVED + tile, 0)
     if last:
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(C + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=mask)
 
 
+_COUNTERS: dict = {}
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 counters for store_output_tile, kept per device and stream: every launch
+    leaves them at zero again, so no launch needs a memset of its own.  (While a CUDA graph is
+    being captured a new buffer is made inside the graph instead, as memory allocated there
+    belongs to the graph.)"""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    have = _COUNTERS.get(key)
+    if have is not None and have.numel() >= count:
+        return have
+    counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _COUNTERS[key] = counters
+    return counters
+
+
 @triton.jit
-def _group_range(K, GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
+def _group_range(K, GROUP: tl.constexpr, SPLIT_K):
     groups = K // GROUP
     per_split = tl.cdiv(groups, SPLIT_K)
     start = tl.program_id(2) * per_split
@@ -238,7 +261,7 @@ def _int4_gemv_kernel(
             high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - offset[:, None]
             acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale[:, None]
     out = tl.sum(acc, axis=1)[None, :]
-    store_output_tile(out, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+    store_output_tile(out, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -276,7 +299,7 @@ def _int4_mma_kernel(
         acc += (group_sum - x_sum[:, None] * zero[None, :]) * scale[None, :]
         x_ptrs += GROUP
         w_ptrs += HALF
-    store_output_tile(acc, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+    store_output_tile(acc, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -329,13 +352,12 @@ _int4_gemv = triton.autotune(
             # many bytes in flight per program (its GROUPS_PER_STEP loads are independent): the
             # loop is not software-pipelined, so each step waits for memory once
             {"BLOCK_N": bn, "GROUPS_PER_STEP": gs, "SPLIT_K": sk, "num_warps": w, "num_stages": 1}
-            for bn, gs, sk, w in [(4, 16, 1, 1), (8, 8, 1, 2), (8, 16, 1, 2), (16, 8, 1, 4), (16, 16, 1, 4), (8, 8, 2, 2),
-                                  (16, 8, 2, 4), (32, 8, 2, 4), (32, 4, 4, 4), (64, 2, 4, 8), (16, 4, 4, 4)]
+            for bn, gs, sk, w in [(16, 8, 1, 4), (8, 8, 2, 2), (16, 8, 2, 4), (32, 8, 2, 4), (32, 4, 4, 4), (64, 2, 4, 8), (16, 4, 4, 4),
+                                  (64, 2, 8, 8), (32, 2, 8, 4), (16, 2, 8, 4), (32, 1, 16, 4), (64, 1, 16, 8), (16, 4, 8, 4)]
         ],
         {"BLOCK_N": 8, "GROUPS_PER_STEP": 2, "SPLIT_K": 2},
     ),
     key=["M_BUCKET", "N", "K", "GROUP"],
-    reset_to_zero=["ARRIVED"],
 )(_int4_gemv_kernel)
 
 _int4_mma = triton.autotune(
@@ -347,7 +369,6 @@ _int4_mma = triton.autotune(
         {"BLOCK_M": 16, "BLOCK_N": 16, "SPLIT_K": 2},
     ),
     key=["M_BUCKET", "N", "K", "GROUP"],
-    reset_to_zero=["ARRIVED"],
 )(_int4_mma_kernel)
 
 
@@ -379,16 +400,14 @@ def int4_linear(x, qweight, scales, zeros, group_size: int, bias) -> torch.Tenso
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    # Room for 8 partial sums per output and an arrival counter per tile, zeroed per call so
-    # that calls on different streams never share counters.
-    partial = torch.empty((8 * m * n,), dtype=torch.float32, device=x.device)
-    arrived = torch.zeros((triton.cdiv(n, SMALLEST_BLOCK_N),), dtype=torch.int32, device=x.device)
+    partial = torch.empty((16 * m * n,), dtype=torch.float32, device=x.device)  # room for 16 splits
+    arrived = arrival_counters(x.device, triton.cdiv(n, SMALLEST_BLOCK_N))
     args = (x, qweight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
             m, n, k, m_bucket(m), x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
     if m <= GEMV_TOKENS:
         _int4_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"])](
             *args, GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_M=1)
-    else:
-        _int4_mma[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])](
-            *args, GROUP=group_size, HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETING)
+        return out
+    _int4_mma[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])](
+        *args, GROUP=group_size, HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETING)
     return out
