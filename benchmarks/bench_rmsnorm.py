@@ -155,6 +155,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer kernel sizes, GPT-2-medium only")
     parser.add_argument("--models", default="gpt2-medium,vit-l16,narrow-long", help="comma-separated; 'none' for kernels only")
     parser.add_argument("--no-kernel-rows", action="store_true", help="skip the kernel bandwidth table")
+    parser.add_argument("--no-train", action="store_true", help="forward only")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rmsnorm.json")
     args = parser.parse_args()
     import logging
@@ -172,6 +173,7 @@ def main():
     }
     for key in [k for k in args.models.split(",") if k != "none"]:
         name, model, inputs, train = makers[key]()
+        train = train and not args.no_train
         result["models"] += model_rows(name, model, inputs, train)
         del model
         torch.cuda.empty_cache()

@@ -128,8 +128,9 @@ _fairy2i = triton.autotune(
     configs=_configs(
         [
             {"BLOCK_N": bn, "BLOCK_B": bb, "SPLIT": sp, "num_warps": w, "num_stages": 1}
-            for bn, bb, sp, w in [(32, 8, 1, 4), (32, 8, 4, 4), (32, 4, 8, 4), (16, 8, 8, 4), (16, 4, 16, 4), (64, 4, 4, 4),
-                                  (32, 8, 8, 8), (64, 8, 8, 8), (32, 2, 16, 4), (16, 8, 4, 4)]
+            # rows per thread = BLOCK_N · BLOCK_B / (32 · num_warps): x is loaded once for all of them
+            for bn, bb, sp, w in [(32, 4, 8, 4), (64, 4, 8, 4), (128, 4, 8, 4), (128, 4, 16, 4), (128, 2, 16, 4), (256, 2, 16, 4),
+                                  (64, 4, 16, 4), (128, 8, 8, 8), (256, 4, 8, 8), (64, 8, 4, 4)]
         ],
         {"BLOCK_N": 16, "BLOCK_B": 2, "SPLIT": 2},
     ),
