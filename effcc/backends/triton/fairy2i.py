@@ -5,9 +5,11 @@ a = bit 0 and b = bit 1 of the code, P = 1 − a − (a XOR b) and Q = (a XOR b)
 row j, stage s and each of A, B, with z = x_r + i·x_i (z̄ for B), only two 0/1 sums are needed per
 input part, Σ_a x and Σ_{a XOR b} x, and
     contribution = s_re·P·z + i·s_im·Q·z.
-A bit enters the sums as the float 1 + bit/2 (the bit moved into the mantissa of 1.0: a shift
-and a LOP3, no conversion, no select) times 2x: four FMAs per code, into per-element sums
-reduced once after the loop; the scales are applied once per row and stage.  Programs split
+With the signed sums σ_a = Σ (−1)^a x and σ_e = Σ (−1)^(a XOR b) x, P·x = (σ_a + σ_e)/2 and
+Q·x = (σ_a − σ_e)/2: per code a bit moved to the sign (a shift), an XOR into x (one LOP3) and an
+addition for each sum and part: sign flips and additions only, no multiplication and no select,
+into per-element sums reduced once after the loop; the scales (and the halves) are applied once per
+row and stage.  Programs split
 (rows, stage × part of the input); the last program of a row block to arrive adds the parts
 (store_output_tile).  For 1-16 tokens (decode); the codes are read as int32 words (16 codes:
 inputs 16w + j) where the row length allows, else bytes, and x as 16 (or 4) strided slices.
@@ -23,26 +25,22 @@ from .quantized_linear import _configs, arrival_counters, store_output_tile
 
 
 @triton.jit
-def _code_bit_sums(unit, x_re, x_im, j: tl.constexpr, EXPONENT_OF_ONE):
-    """For code j of each unit (bits 2j = a, 2j+1 = b): the products of x with the floats
-    1 + a/2 and 1 + (a XOR b)/2, made by moving the bit to bit 22 of the mantissa of 1.0 (a shift
-    and one LOP3 each, no conversion).  Returned as four [.., BLOCK_B] products to accumulate."""
+def _signed_inputs(unit, x_re, x_im, j: tl.constexpr):
+    """Code j of each unit (bits 2j = a, 2j+1 = b): x with its sign flipped by a, and by a XOR b.
+    The bit is moved to the sign bit (a shift) and XOR-ed into x (one LOP3): no multiplication."""
     mixed = unit ^ (unit >> 1)  # bit 2j: a XOR b
-    if 2 * j <= 22:
-        t_a = unit << (22 - 2 * j)
-        t_e = mixed << (22 - 2 * j)
-    else:
-        t_a = unit >> (2 * j - 22)
-        t_e = mixed >> (2 * j - 22)
-    f_a = ((t_a & 0x400000) | EXPONENT_OF_ONE).to(tl.float32, bitcast=True)
-    f_e = ((t_e & 0x400000) | EXPONENT_OF_ONE).to(tl.float32, bitcast=True)
-    return f_a * x_re, f_a * x_im, f_e * x_re, f_e * x_im
+    sign_a = (unit << (31 - 2 * j)) & 0x80000000
+    sign_e = (mixed << (31 - 2 * j)) & 0x80000000
+    re_bits = x_re.to(tl.uint32, bitcast=True)
+    im_bits = x_im.to(tl.uint32, bitcast=True)
+    return ((re_bits ^ sign_a).to(tl.float32, bitcast=True), (im_bits ^ sign_a).to(tl.float32, bitcast=True),
+            (re_bits ^ sign_e).to(tl.float32, bitcast=True), (im_bits ^ sign_e).to(tl.float32, bitcast=True))
 
 
 @triton.jit
 def _fairy2i_kernel(
     X, CODES, SCALES, BIAS, C, PARTIAL, ARRIVED,
-    M, M_OUT, N_IN, stride_xm, stride_cs, stride_ct, stride_cr, stride_cm, EXPONENT_OF_ONE, M_BUCKET,
+    M, M_OUT, N_IN, stride_xm, stride_cs, stride_ct, stride_cr, stride_cm, M_BUCKET,
     HAS_BIAS: tl.constexpr, PER_UNIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT: tl.constexpr,
 ):
@@ -60,50 +58,43 @@ def _fairy2i_kernel(
     u_start = split * per_split
     u_end = tl.minimum(u_start + per_split, units)
     # Codes 0, 1, 2, 3 = +1, −1, +i, −i have (a, b) = (bit 0, bit 1) = 00, 10, 01, 11; the code is
-    # P + iQ with P = 1 − a − (a XOR b) and Q = (a XOR b) − a, both linear in the two bits.  So
-    # each row needs only two 0/1 sums per input part, Σ_a x and Σ_{a XOR b} x, accumulated as
-    # 2x·(1 + bit/2) = 2x + bit·x (_code_bit_sums).
+    # P + iQ with P = 1 − a − (a XOR b) and Q = (a XOR b) − a, both linear in the two bits.  With
+    # the signed sums σ_a = Σ (−1)^a x and σ_e = Σ (−1)^(a XOR b) x of each input part,
+    #     P·x = (σ_a + σ_e) / 2,   Q·x = (σ_a − σ_e) / 2:
+    # per code and part two sign flips and two additions, no select and no multiplication.
     zero = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B), dtype=tl.float32)
-    aa_re, aa_im, ae_re, ae_im = zero, zero, zero, zero  # A: Σ 2x·f_a, Σ 2x·f_e (re, im)
-    ba_re, ba_im, be_re, be_im = zero, zero, zero, zero  # B on z̄: the imaginary input part negated
-    x_re_sum = tl.zeros((BLOCK_M, 1, BLOCK_B), dtype=tl.float32)
-    x_im_sum = tl.zeros((BLOCK_M, 1, BLOCK_B), dtype=tl.float32)
+    aa_re, aa_im, ae_re, ae_im = zero, zero, zero, zero  # A: σ_a, σ_e of x_re and x_im
+    ba_re, ba_im, be_re, be_im = zero, zero, zero, zero  # B (its products take z̄: combined below)
     codes_a = CODES + stage * stride_cs + rj[None, :, None].to(tl.int64) * stride_cr
     codes_b = codes_a + stride_ct
     for b0 in range(u_start, u_end, BLOCK_B):
         b = b0 + rb
         ok = j_ok[None, :, None] & (b[None, None, :] < u_end)
-        unit_a = tl.load(codes_a + b[None, None, :], mask=ok, other=0).to(tl.int32)
-        unit_b = tl.load(codes_b + b[None, None, :], mask=ok, other=0).to(tl.int32)
+        unit_a = tl.load(codes_a + b[None, None, :], mask=ok, other=0).to(tl.uint32)
+        unit_b = tl.load(codes_b + b[None, None, :], mask=ok, other=0).to(tl.uint32)
         for j in tl.static_range(PER_UNIT):  # input PER_UNIT·b + j is bits 2j..2j+1 of unit b
             col = PER_UNIT * b + j
             x_ok = m_ok[:, None] & (b[None, :] < u_end)
-            x_re = 2.0 * tl.load(X + rm[:, None].to(tl.int64) * stride_xm + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
-            x_im = 2.0 * tl.load(X + rm[:, None].to(tl.int64) * stride_xm + N_IN + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
-            x_re_sum += x_re
-            x_im_sum += x_im
-            d_are, d_aim, d_ere, d_eim = _code_bit_sums(unit_a, x_re, x_im, j, EXPONENT_OF_ONE)
-            aa_re += d_are
-            aa_im += d_aim
-            ae_re += d_ere
-            ae_im += d_eim
-            d_are, d_aim, d_ere, d_eim = _code_bit_sums(unit_b, x_re, x_im, j, EXPONENT_OF_ONE)
-            ba_re += d_are
-            ba_im += d_aim
-            be_re += d_ere
-            be_im += d_eim
-    # Σ x = S/2 with S = Σ 2x; Σ_a x = Σ 2x·f_a − S, likewise for a XOR b; so
-    # P·x = S/2 − (Σ 2x·f_a − S) − (Σ 2x·f_e − S) = 2.5·S − Σ 2x·f_a − Σ 2x·f_e,  Q·x = Σ 2x·f_e − Σ 2x·f_a.
-    s_re = tl.sum(x_re_sum, axis=2)  # [BLOCK_M, 1]
-    s_im = tl.sum(x_im_sum, axis=2)
-    pa_re = 2.5 * s_re - tl.sum(aa_re, axis=2) - tl.sum(ae_re, axis=2)
-    pa_im = 2.5 * s_im - tl.sum(aa_im, axis=2) - tl.sum(ae_im, axis=2)
-    qa_re = tl.sum(ae_re, axis=2) - tl.sum(aa_re, axis=2)
-    qa_im = tl.sum(ae_im, axis=2) - tl.sum(aa_im, axis=2)
-    pb_re = 2.5 * s_re - tl.sum(ba_re, axis=2) - tl.sum(be_re, axis=2)
-    pb_im = 2.5 * s_im - tl.sum(ba_im, axis=2) - tl.sum(be_im, axis=2)
-    qb_re = tl.sum(be_re, axis=2) - tl.sum(ba_re, axis=2)
-    qb_im = tl.sum(be_im, axis=2) - tl.sum(ba_im, axis=2)
+            x_re = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+            x_im = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + N_IN + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+            s_are, s_aim, s_ere, s_eim = _signed_inputs(unit_a, x_re, x_im, j)
+            aa_re += s_are
+            aa_im += s_aim
+            ae_re += s_ere
+            ae_im += s_eim
+            s_are, s_aim, s_ere, s_eim = _signed_inputs(unit_b, x_re, x_im, j)
+            ba_re += s_are
+            ba_im += s_aim
+            be_re += s_ere
+            be_im += s_eim
+    sa_re_, sa_im_ = tl.sum(aa_re, axis=2), tl.sum(aa_im, axis=2)
+    se_re_, se_im_ = tl.sum(ae_re, axis=2), tl.sum(ae_im, axis=2)
+    pa_re, pa_im = 0.5 * (sa_re_ + se_re_), 0.5 * (sa_im_ + se_im_)
+    qa_re, qa_im = 0.5 * (sa_re_ - se_re_), 0.5 * (sa_im_ - se_im_)
+    sa_re_, sa_im_ = tl.sum(ba_re, axis=2), tl.sum(ba_im, axis=2)
+    se_re_, se_im_ = tl.sum(be_re, axis=2), tl.sum(be_im, axis=2)
+    pb_re, pb_im = 0.5 * (sa_re_ + se_re_), 0.5 * (sa_im_ + se_im_)
+    qb_re, qb_im = 0.5 * (sa_re_ - se_re_), 0.5 * (sa_im_ - se_im_)
     # scales of this stage, per row: [A s_re, A s_im, B s_re, B s_im]
     s_ptr = SCALES + stage * (2 * M_OUT * 2) + rj * 2
     sa_re = tl.load(s_ptr, mask=j_ok, other=0.0)[None, :]
@@ -128,9 +119,10 @@ _fairy2i = triton.autotune(
     configs=_configs(
         [
             {"BLOCK_N": bn, "BLOCK_B": bb, "SPLIT": sp, "num_warps": w, "num_stages": 1}
-            # rows per thread = BLOCK_N · BLOCK_B / (32 · num_warps): x is loaded once for all of them
-            for bn, bb, sp, w in [(32, 4, 8, 4), (64, 4, 8, 4), (128, 4, 8, 4), (128, 4, 16, 4), (128, 2, 16, 4), (256, 2, 16, 4),
-                                  (64, 4, 16, 4), (128, 8, 8, 8), (256, 4, 8, 8), (64, 8, 4, 4)]
+            # measured on an H100: the first of these win; more rows per thread (x loaded once for
+            # them) did not help (BLOCK_N 128-256)
+            for bn, bb, sp, w in [(32, 8, 1, 4), (32, 8, 4, 4), (32, 4, 8, 4), (16, 8, 8, 4), (16, 4, 16, 4), (64, 4, 4, 4),
+                                  (32, 8, 8, 8), (64, 8, 8, 8), (32, 2, 16, 4), (16, 8, 4, 4)]
         ],
         {"BLOCK_N": 16, "BLOCK_B": 2, "SPLIT": 2},
     ),
@@ -154,6 +146,6 @@ def fairy2i_linear(x, codes, scales, bias) -> torch.Tensor:
     _fairy2i[lambda meta: (triton.cdiv(m_out, meta["BLOCK_N"]), 1, stages * meta["SPLIT"])](
         x, codes, scales.float().contiguous(), bias if bias is not None else scales, out, partial, arrived,
         m_tokens, m_out, 4 * quarter, x.stride(0), codes.stride(0), codes.stride(1), codes.stride(2), out.stride(0),
-        0x3F800000, m_tokens, HAS_BIAS=bias is not None, PER_UNIT=per_unit, BLOCK_M=triton.next_power_of_2(m_tokens),
+        m_tokens, HAS_BIAS=bias is not None, PER_UNIT=per_unit, BLOCK_M=triton.next_power_of_2(m_tokens),
     )
     return out
