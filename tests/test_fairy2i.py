@@ -161,6 +161,15 @@ CUDA = torch.cuda.is_available()
 KERNEL_SHAPES = [(1, 24, 32, 2), (3, 16, 48, 1), (5, 40, 64, 3), (2, 24, 40, 2)] + ([(1, 2048, 2048, 2), (16, 5504, 2048, 2)] if CUDA else [])
 
 
+def test_kernel_sign_sums_give_every_code():
+    """The kernel's algebra, checked on the codebook itself: with a = bit 0 and b = bit 1 of a code,
+    P·x = (σ_a + σ_e)/2 and Q·x = (σ_a − σ_e)/2 for σ_a = (−1)^a x, σ_e = (−1)^(a XOR b) x."""
+    for code, value in enumerate(cl.DIRECTIONS.tolist()):
+        a, b = code & 1, code >> 1
+        sigma_a, sigma_e = (-1) ** a, (-1) ** (a ^ b)  # per unit of x
+        assert complex((sigma_a + sigma_e) / 2, (sigma_a - sigma_e) / 2) == value
+
+
 @pytest.mark.parametrize("tokens,m,n,stages", KERNEL_SHAPES, ids=str)
 def test_multiplication_free_kernel_matches_reference(tokens, m, n, stages):
     from effcc.backends.triton import fairy2i as kernels

@@ -18,7 +18,8 @@ int4_linear        x [M, K] (bf16 / fp16 / fp32) × 4-bit codes [N, K/2] with a 
                                0x6400 | q the float16 1024 + q; the offset joins z).
                    more        dequantise once (a Triton kernel) and the library GEMM.
                    The decode kernels can split the input dimension over programs (SPLIT_K);
-                   the last program of a tile to arrive adds the partial sums (one launch).
+                   the last program of a tile to arrive adds the partial sums and resets the
+                   tile's counter (one launch, no memset: arrival_counters).
 
 The GEMM and the decode kernels are autotuned per (N, K, M bucket).  Under TRITON_INTERPRET=1 (CPU tests) each
 has one small configuration so that tests stay fast.
