@@ -21,14 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantized_linear import _configs, arrival_counters, store_output_tile
+from .quantized_linear import arrival_counters, autotune_configs, splits_and_smallest_block, store_output_tile
 
 
 @triton.jit
-def _signed_inputs(unit, x_re, x_im, j: tl.constexpr):
-    """Code j of each unit (bits 2j = a, 2j+1 = b): x with its sign flipped by a, and by a XOR b.
-    The bit is moved to the sign bit (a shift) and XOR-ed into x (one LOP3): no multiplication."""
-    mixed = unit ^ (unit >> 1)  # bit 2j: a XOR b
+def _signed_inputs(unit, mixed, x_re, x_im, j: tl.constexpr):
+    """Code j of each unit (bits 2j = a, 2j+1 = b; bit 2j of `mixed` = a XOR b): x with its sign
+    flipped by a, and by a XOR b.  The bit is moved to the sign bit (a shift) and XOR-ed into x
+    (one LOP3): no multiplication."""
     sign_a = (unit << (31 - 2 * j)) & 0x80000000
     sign_e = (mixed << (31 - 2 * j)) & 0x80000000
     re_bits = x_re.to(tl.uint32, bitcast=True)
@@ -38,9 +38,17 @@ def _signed_inputs(unit, x_re, x_im, j: tl.constexpr):
 
 
 @triton.jit
+def _p_and_q(sigma_a_re, sigma_a_im, sigma_e_re, sigma_e_im):
+    """Per-element signed sums → (P·x_re, P·x_im, Q·x_re, Q·x_im): P·x = (σ_a + σ_e)/2, Q·x = (σ_a − σ_e)/2."""
+    a_re, a_im = tl.sum(sigma_a_re, axis=2), tl.sum(sigma_a_im, axis=2)
+    e_re, e_im = tl.sum(sigma_e_re, axis=2), tl.sum(sigma_e_im, axis=2)
+    return 0.5 * (a_re + e_re), 0.5 * (a_im + e_im), 0.5 * (a_re - e_re), 0.5 * (a_im - e_im)
+
+
+@triton.jit
 def _fairy2i_kernel(
     X, CODES, SCALES, BIAS, C, PARTIAL, ARRIVED,
-    M, M_OUT, N_IN, stride_xm, stride_cs, stride_ct, stride_cr, stride_cm, M_BUCKET,
+    M, M_OUT, N_IN, stride_xm, stride_cs, stride_ct, stride_cr, stride_cm,
     HAS_BIAS: tl.constexpr, PER_UNIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT: tl.constexpr,
 ):
@@ -57,11 +65,7 @@ def _fairy2i_kernel(
     per_split = tl.cdiv(tl.cdiv(units, SPLIT), BLOCK_B) * BLOCK_B
     u_start = split * per_split
     u_end = tl.minimum(u_start + per_split, units)
-    # Codes 0, 1, 2, 3 = +1, −1, +i, −i have (a, b) = (bit 0, bit 1) = 00, 10, 01, 11; the code is
-    # P + iQ with P = 1 − a − (a XOR b) and Q = (a XOR b) − a, both linear in the two bits.  With
-    # the signed sums σ_a = Σ (−1)^a x and σ_e = Σ (−1)^(a XOR b) x of each input part,
-    #     P·x = (σ_a + σ_e) / 2,   Q·x = (σ_a − σ_e) / 2:
-    # per code and part two sign flips and two additions, no select and no multiplication.
+    # Signed sums σ_a, σ_e per element of each input part (module docstring), reduced after the loop.
     zero = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B), dtype=tl.float32)
     aa_re, aa_im, ae_re, ae_im = zero, zero, zero, zero  # A: σ_a, σ_e of x_re and x_im
     ba_re, ba_im, be_re, be_im = zero, zero, zero, zero  # B (its products take z̄: combined below)
@@ -72,29 +76,24 @@ def _fairy2i_kernel(
         ok = j_ok[None, :, None] & (b[None, None, :] < u_end)
         unit_a = tl.load(codes_a + b[None, None, :], mask=ok, other=0).to(tl.uint32)
         unit_b = tl.load(codes_b + b[None, None, :], mask=ok, other=0).to(tl.uint32)
+        mixed_a, mixed_b = unit_a ^ (unit_a >> 1), unit_b ^ (unit_b >> 1)  # bit 2j: a XOR b
         for j in tl.static_range(PER_UNIT):  # input PER_UNIT·b + j is bits 2j..2j+1 of unit b
             col = PER_UNIT * b + j
             x_ok = m_ok[:, None] & (b[None, :] < u_end)
             x_re = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
             x_im = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + N_IN + col[None, :], mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
-            s_are, s_aim, s_ere, s_eim = _signed_inputs(unit_a, x_re, x_im, j)
+            s_are, s_aim, s_ere, s_eim = _signed_inputs(unit_a, mixed_a, x_re, x_im, j)
             aa_re += s_are
             aa_im += s_aim
             ae_re += s_ere
             ae_im += s_eim
-            s_are, s_aim, s_ere, s_eim = _signed_inputs(unit_b, x_re, x_im, j)
+            s_are, s_aim, s_ere, s_eim = _signed_inputs(unit_b, mixed_b, x_re, x_im, j)
             ba_re += s_are
             ba_im += s_aim
             be_re += s_ere
             be_im += s_eim
-    sa_re_, sa_im_ = tl.sum(aa_re, axis=2), tl.sum(aa_im, axis=2)
-    se_re_, se_im_ = tl.sum(ae_re, axis=2), tl.sum(ae_im, axis=2)
-    pa_re, pa_im = 0.5 * (sa_re_ + se_re_), 0.5 * (sa_im_ + se_im_)
-    qa_re, qa_im = 0.5 * (sa_re_ - se_re_), 0.5 * (sa_im_ - se_im_)
-    sa_re_, sa_im_ = tl.sum(ba_re, axis=2), tl.sum(ba_im, axis=2)
-    se_re_, se_im_ = tl.sum(be_re, axis=2), tl.sum(be_im, axis=2)
-    pb_re, pb_im = 0.5 * (sa_re_ + se_re_), 0.5 * (sa_im_ + se_im_)
-    qb_re, qb_im = 0.5 * (sa_re_ - se_re_), 0.5 * (sa_im_ - se_im_)
+    pa_re, pa_im, qa_re, qa_im = _p_and_q(aa_re, aa_im, ae_re, ae_im)
+    pb_re, pb_im, qb_re, qb_im = _p_and_q(ba_re, ba_im, be_re, be_im)
     # scales of this stage, per row: [A s_re, A s_im, B s_re, B s_im]
     s_ptr = SCALES + stage * (2 * M_OUT * 2) + rj * 2
     sa_re = tl.load(s_ptr, mask=j_ok, other=0.0)[None, :]
@@ -112,11 +111,8 @@ def _fairy2i_kernel(
     store_output_tile(out, tl.program_id(2), rm, cols, M, 2 * M_OUT, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, BLOCK_M, 2 * BLOCK_N)
 
 
-MAX_SPLIT = 16
-SMALLEST_BLOCK_N = 16
-
 _fairy2i = triton.autotune(
-    configs=_configs(
+    configs=autotune_configs(
         [
             {"BLOCK_N": bn, "BLOCK_B": bb, "SPLIT": sp, "num_warps": w, "num_stages": 1}
             # measured on an H100: the first of these win; more rows per thread (x loaded once for
@@ -126,8 +122,10 @@ _fairy2i = triton.autotune(
         ],
         {"BLOCK_N": 16, "BLOCK_B": 2, "SPLIT": 2},
     ),
-    key=["M_BUCKET", "M_OUT", "N_IN", "PER_UNIT"],
+    key=["M", "M_OUT", "N_IN", "PER_UNIT"],
 )(_fairy2i_kernel)
+
+_MAX_SPLIT, _SMALLEST_BLOCK_N = splits_and_smallest_block(_fairy2i, split="SPLIT")
 
 
 def fairy2i_linear(x, codes, scales, bias) -> torch.Tensor:
@@ -137,8 +135,8 @@ def fairy2i_linear(x, codes, scales, bias) -> torch.Tensor:
     if m_tokens > 16:
         raise ValueError(f"the Fairy2i kernel is for 1-16 tokens, not {m_tokens}")
     out = torch.empty((m_tokens, 2 * m_out), dtype=x.dtype, device=x.device)
-    partial = torch.empty((stages * MAX_SPLIT * m_tokens * 2 * m_out,), dtype=torch.float32, device=x.device)
-    arrived = arrival_counters(x.device, triton.cdiv(m_out, SMALLEST_BLOCK_N))
+    partial = torch.empty((stages * _MAX_SPLIT * m_tokens * 2 * m_out,), dtype=torch.float32, device=x.device)
+    arrived = arrival_counters(x.device, triton.cdiv(m_out, _SMALLEST_BLOCK_N))
     codes = codes.contiguous()
     per_unit = 16 if quarter % 4 == 0 else 4  # int32 words (little-endian: byte k holds inputs 4k..4k+3)
     if per_unit == 16:
@@ -146,6 +144,6 @@ def fairy2i_linear(x, codes, scales, bias) -> torch.Tensor:
     _fairy2i[lambda meta: (triton.cdiv(m_out, meta["BLOCK_N"]), 1, stages * meta["SPLIT"])](
         x, codes, scales.float().contiguous(), bias if bias is not None else scales, out, partial, arrived,
         m_tokens, m_out, 4 * quarter, x.stride(0), codes.stride(0), codes.stride(1), codes.stride(2), out.stride(0),
-        m_tokens, HAS_BIAS=bias is not None, PER_UNIT=per_unit, BLOCK_M=triton.next_power_of_2(m_tokens),
+        HAS_BIAS=bias is not None, PER_UNIT=per_unit, BLOCK_M=triton.next_power_of_2(m_tokens),
     )
     return out

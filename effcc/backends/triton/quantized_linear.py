@@ -39,7 +39,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # int4 kernel's products run on float32 copies of the same exact values.
 
 
-def _configs(full: list[dict], small: dict, pre_hook=None) -> list[triton.Config]:
+def autotune_configs(full: list[dict], small: dict, pre_hook=None) -> list[triton.Config]:
     """Autotuning configurations: `full` on a GPU, only `small` in the interpreter."""
     out = []
     for c in [small] if INTERPRETING else full:
@@ -95,7 +95,7 @@ def _set_tile_boxes(nargs):
     nargs["B"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-_INT8_CONFIGS = _configs(
+_INT8_CONFIGS = autotune_configs(
     [
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": w, "num_stages": st}
         for bm, bn, w, st in [(128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4),
@@ -343,12 +343,11 @@ def _dequantize_int4_kernel(QW, SCALES, ZEROS, W, N, stride_qn, stride_sn, strid
     tl.store(W + rn[:, None].to(tl.int64) * stride_wn + g * GROUP + tl.arange(0, GROUP)[None, :], w.to(W.dtype.element_ty), mask=n_ok)
 
 
-SMALLEST_BLOCK_N = 4  # of any int4 decode configuration: one arrival counter per such block
 GEMV_TOKENS = 1  # up to here: CUDA-core GEMV; then tensor cores on one 16-row tile
 MMA_TOKENS = 16  # above: dequantise once and use the library GEMM (compute-bound, weight reused)
 
 _int4_gemv = triton.autotune(
-    configs=_configs(
+    configs=autotune_configs(
         [
             # many bytes in flight per program (its GROUPS_PER_STEP loads are independent): the
             # loop is not software-pipelined, so each step waits for memory once
@@ -362,7 +361,7 @@ _int4_gemv = triton.autotune(
 )(_int4_gemv_kernel)
 
 _int4_mma = triton.autotune(
-    configs=_configs(
+    configs=autotune_configs(
         [
             {"BLOCK_M": 16, "BLOCK_N": bn, "SPLIT_K": sk, "num_warps": 4, "num_stages": st}
             for bn, sk, st in [(32, 1, 4), (64, 1, 4), (32, 2, 4), (64, 2, 4), (32, 4, 4), (64, 4, 4), (128, 4, 3), (64, 8, 3), (128, 8, 3)]
@@ -371,6 +370,16 @@ _int4_mma = triton.autotune(
     ),
     key=["M_BUCKET", "N", "K", "GROUP"],
 )(_int4_mma_kernel)
+
+
+def splits_and_smallest_block(*kernels, split="SPLIT_K") -> tuple[int, int]:
+    """(most splits, smallest BLOCK_N) over the autotuned kernels' configurations: room for the
+    partial sums and one arrival counter per smallest tile."""
+    configs = [c.kwargs for kernel in kernels for c in kernel.configs]
+    return max(c[split] for c in configs), min(c["BLOCK_N"] for c in configs)
+
+
+_INT4_MAX_SPLIT, _INT4_SMALLEST_BLOCK_N = splits_and_smallest_block(_int4_gemv, _int4_mma)
 
 
 def takes_group_size(group_size: int) -> bool:
@@ -401,8 +410,8 @@ def int4_linear(x, qweight, scales, zeros, group_size: int, bias) -> torch.Tenso
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    partial = torch.empty((16 * m * n,), dtype=torch.float32, device=x.device)  # room for 16 splits
-    arrived = arrival_counters(x.device, triton.cdiv(n, SMALLEST_BLOCK_N))
+    partial = torch.empty((_INT4_MAX_SPLIT * m * n,), dtype=torch.float32, device=x.device)
+    arrived = arrival_counters(x.device, triton.cdiv(n, _INT4_SMALLEST_BLOCK_N))
     args = (x, qweight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
             m, n, k, m_bucket(m), x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
     if m <= GEMV_TOKENS:
