@@ -1,0 +1,433 @@
+"""Prefix attention Triton kernels (flash-attention style): forward, and backward for dQ, dK, dV.
+
+The packed layout and its mask are those of effcc.ops.prefix_attention: query i sees key j iff
+group_start[i] ≤ j ≤ i and (j < prefix_end[i] or j ≥ segment_start[i]); equivalently iff
+j ≤ i < visible_until[j].
+
+forward       one program per (query block, head); online softmax in the log2 domain, fp32
+              accumulators.  A query block reads only two key ranges: the prefix part
+              [group start, prefix end) of its suffix rows and the own-segment part
+              [first segment start, last row]; the keys in between (the other suffixes of the
+              group) are never loaded.  Each range is cut into a masked head, a middle of whole
+              key blocks that every row of the query block sees (no mask computed there) and a
+              masked tail (the diagonal).  Blocks may straddle segments and groups: rows then
+              see different keys, and the per-element mask sorts it out.
+backward      delta = rowsum(dO · O) first (a small kernel), then
+              dK, dV: one program per (key block, kv head); its queries are the contiguous
+                      range [block start, max visible_until of the block), for every query head
+                      that reads the kv head, so the sum over shared heads needs no atomics.
+              dQ:     one program per (query block, head), the key ranges of the forward.
+              Both mask with visible_until (two comparisons per element instead of five).
+
+fp16 and bf16 multiply on the tensor cores; fp32 inputs multiply in IEEE fp32 (no TF32), so
+that the fp32 path computes what the reference computes.  Head dims up to 256, any size
+(BLOCK_D is the next power of two, columns past D masked).
+
+Block sizes are autotuned on the GPU (key: head dim and N rounded up to a power of two, so a
+new packed length does not retune); under TRITON_INTERPRET=1 (CPU tests) each kernel has one
+small configuration.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from .quantized_linear import INTERPRETING, autotune_configs
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2 e)
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+
+# ---- shared pieces --------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b):
+    """a @ b with fp32 accumulation; fp32 operands in IEEE fp32 (TF32 would drift from the reference)."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _unmasked_span(start, end, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Split [start, end) into masked [start, lo), unmasked [lo, hi), masked [hi, end): [lo, hi)
+    is the longest run of whole blocks inside [full_lo, full_hi), where no element is masked."""
+    end = tl.maximum(end, start)
+    lo = tl.minimum(tl.maximum(full_lo, start), end)
+    hi = tl.maximum(tl.minimum(full_hi, end), lo)
+    hi = lo + (hi - lo) // BLOCK * BLOCK
+    return lo, hi, end
+
+
+@triton.jit
+def _key_ranges(GS, PE, SS, m0, N, BLOCK_M: tl.constexpr):
+    """The keys that the queries [m0, m0 + BLOCK_M) may see, as two ranges, each with the span
+    that every row of the block sees:
+
+      prefix part   [min group start, min(max prefix end, first segment start)) of the suffix rows
+                    (a prefix row's prefix keys lie in its own segment, the second range)
+      own segments  [min segment start, last row]
+
+    The keys between the two (other suffixes of the group) are masked for every row."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    gs = tl.load(GS + rows, mask=row_ok, other=0)
+    pe = tl.load(PE + rows, mask=row_ok, other=0)
+    ss = tl.load(SS + rows, mask=row_ok, other=0)
+    suffix_row = row_ok & (ss >= pe)
+    first_own = tl.min(tl.where(row_ok, ss, N), axis=0)
+    prefix_lo = tl.min(tl.where(suffix_row, gs, N), axis=0)
+    prefix_hi = tl.minimum(tl.max(tl.where(suffix_row, pe, 0), axis=0), first_own)
+    own_hi = tl.minimum(m0 + BLOCK_M, N)
+    # Seen by every row: j ≥ every group start and j < every prefix end (prefix part), j ≥
+    # every segment start (own part), and j ≤ the first row (causality) in both.
+    causal_hi = m0 + 1
+    prefix_full_lo = tl.max(gs, axis=0)
+    prefix_full_hi = tl.minimum(tl.min(tl.where(row_ok, pe, N), axis=0), causal_hi)
+    own_full_lo = tl.max(ss, axis=0)
+    return gs, pe, ss, prefix_lo, prefix_hi, prefix_full_lo, prefix_full_hi, first_own, own_hi, own_full_lo, causal_hi
+
+
+# ---- forward --------------------------------------------------------------------------------------
+@triton.jit
+def _attend(acc, m_i, l_i, q, K_HEAD, V_HEAD, stride_kn, stride_vn, rows, gs, pe, ss, start, end, qk_scale,
+            HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online softmax over the keys [start, end) (log2 domain: scores are pre-multiplied by log2 e)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < end
+        k = tl.load(K_HEAD + n0.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V_HEAD + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            j = cols[None, :]
+            visible = (j >= gs[:, None]) & (j <= rows[:, None]) & ((j < pe[:, None]) | (j >= ss[:, None])) & col_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row may have seen no key yet (block straddling groups): exp2(-inf - -inf) is NaN.
+            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_base = m_new
+        p = tl.exp2(s - m_base[:, None])
+        alpha = tl.exp2(m_i - m_base)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, O, LSE, GS, PE, SS,
+    stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh, stride_on,
+    N, N_BUCKET, heads_per_kv, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    m0 = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    kv_head = head // heads_per_kv
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + head.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
+    K_HEAD = K + kv_head.to(tl.int64) * stride_kh
+    V_HEAD = V + kv_head.to(tl.int64) * stride_vh
+
+    gs, pe, ss, p_lo, p_hi, p_full_lo, p_full_hi, o_lo, o_hi, o_full_lo, o_full_hi = _key_ranges(GS, PE, SS, m0, N, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for part in tl.static_range(2):  # the prefix part, then the own segments
+        if part == 0:
+            lo, hi, end = _unmasked_span(p_lo, p_hi, p_full_lo, p_full_hi, BLOCK_N)
+            start = p_lo
+        else:
+            lo, hi, end = _unmasked_span(o_lo, o_hi, o_full_lo, o_full_hi, BLOCK_N)
+            start = o_lo
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_HEAD, V_HEAD, stride_kn, stride_vn, rows, gs, pe, ss, start, lo, qk_scale,
+                                HEAD_DIM, True, BLOCK_N, BLOCK_D)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_HEAD, V_HEAD, stride_kn, stride_vn, rows, gs, pe, ss, lo, hi, qk_scale,
+                                HEAD_DIM, False, BLOCK_N, BLOCK_D)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_HEAD, V_HEAD, stride_kn, stride_vn, rows, gs, pe, ss, hi, end, qk_scale,
+                                HEAD_DIM, True, BLOCK_N, BLOCK_D)
+
+    l_i = tl.where(row_ok, l_i, 1.0)  # rows past N (never stored) saw keys too; keep them finite anyway
+    out = acc / l_i[:, None]
+    tl.store(O + head.to(tl.int64) * stride_oh + rows[:, None].to(tl.int64) * stride_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=io_mask)
+    tl.store(LSE + head.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+
+
+# ---- backward -------------------------------------------------------------------------------------
+@triton.jit
+def _delta_kernel(O, DO, DELTA, stride_oh, stride_on, stride_doh, stride_don, N,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[h, i] = Σ_d dO · O: the row term of the softmax gradient, dS = P ∘ (dP − delta)."""
+    head = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + head * stride_oh + rows[:, None].to(tl.int64) * stride_on + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + head * stride_doh + rows[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(DELTA + head * N + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=rows < N)
+
+
+@triton.jit
+def _dkdv_from_queries(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, stride_qn, stride_don, cols, vu, start, end, qk_scale,
+                       HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Accumulate dK, dV of one key block over the queries [start, end) of one head, transposed
+    (keys along rows) so that Pᵀ and dSᵀ come out of the products in the layout dK, dV need."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + offs_m
+        row_ok = rows < end
+        qT = tl.load(Q_HEAD + m0.to(tl.int64) * stride_qn + offs_m[None, :] * stride_qn + offs_d[:, None],
+                     mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+        do = tl.load(DO_HEAD + m0.to(tl.int64) * stride_don + offs_m[:, None] * stride_don + offs_d[None, :],
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(LSE_HEAD + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA_HEAD + rows, mask=row_ok, other=0.0)
+        pT = tl.exp2(_dot(k, qT) * qk_scale - lse[None, :])
+        if MASKED:
+            i = rows[None, :]
+            pT = tl.where((i >= cols[:, None]) & (i < vu[:, None]) & row_ok[None, :], pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do)
+        dpT = _dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(qT.dtype), tl.trans(qT))
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, VU,
+    stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_don,
+    stride_dkh, stride_dkn, stride_dvh, stride_dvn,
+    N, N_BUCKET, heads_per_kv, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    n0 = tl.program_id(0) * BLOCK_N
+    kv_head = tl.program_id(1)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < N
+    io_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + kv_head.to(tl.int64) * stride_kh + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=io_mask, other=0.0)
+    v = tl.load(V + kv_head.to(tl.int64) * stride_vh + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=io_mask, other=0.0)
+    vu = tl.load(VU + cols, mask=col_ok, other=0)  # keys past N are seen by no query
+
+    # The queries of key j are [j, visible_until[j]): those of the block are [n0, max vu), and
+    # rows in [last key, min vu) see every key of the block.
+    end = tl.max(vu, axis=0)
+    lo, hi, end = _unmasked_span(n0, end, n0 + BLOCK_N - 1, tl.min(tl.where(col_ok, vu, N), axis=0), BLOCK_M)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for head in range(kv_head * heads_per_kv, (kv_head + 1) * heads_per_kv):
+        Q_HEAD = Q + head.to(tl.int64) * stride_qh
+        DO_HEAD = DO + head.to(tl.int64) * stride_doh
+        LSE_HEAD = LSE + head.to(tl.int64) * N
+        DELTA_HEAD = DELTA + head.to(tl.int64) * N
+        dk, dv = _dkdv_from_queries(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, stride_qn, stride_don, cols, vu, n0, lo, qk_scale,
+                                    HEAD_DIM, True, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_from_queries(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, stride_qn, stride_don, cols, vu, lo, hi, qk_scale,
+                                    HEAD_DIM, False, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_from_queries(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, stride_qn, stride_don, cols, vu, hi, end, qk_scale,
+                                    HEAD_DIM, True, BLOCK_M, BLOCK_D)
+    dk *= sm_scale  # dS was taken with respect to the scaled scores
+    tl.store(DK + kv_head.to(tl.int64) * stride_dkh + cols[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=io_mask)
+    tl.store(DV + kv_head.to(tl.int64) * stride_dvh + cols[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _dq_from_keys(dq, q, do, lse, delta, K_HEAD, V_HEAD, VU, stride_kn, stride_vn, rows, start, end, qk_scale,
+                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Accumulate dQ of one query block over the keys [start, end)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < end
+        k = tl.load(K_HEAD + n0.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V_HEAD + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        p = tl.exp2(_dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        if MASKED:
+            vu = tl.load(VU + cols, mask=col_ok, other=0)
+            i = rows[:, None]
+            p = tl.where((cols[None, :] <= i) & (i < vu[None, :]), p, 0.0)
+        dp = _dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, GS, PE, SS, VU,
+    stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_don, stride_dqh, stride_dqn,
+    N, N_BUCKET, heads_per_kv, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    m0 = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    kv_head = head // heads_per_kv
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + head.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
+    do = tl.load(DO + head.to(tl.int64) * stride_doh + rows[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=io_mask, other=0.0)
+    lse = tl.load(LSE + head.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + head.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+    K_HEAD = K + kv_head.to(tl.int64) * stride_kh
+    V_HEAD = V + kv_head.to(tl.int64) * stride_vh
+
+    _gs, _pe, _ss, p_lo, p_hi, p_full_lo, p_full_hi, o_lo, o_hi, o_full_lo, o_full_hi = _key_ranges(GS, PE, SS, m0, N, BLOCK_M)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for part in tl.static_range(2):  # the prefix part, then the own segments
+        if part == 0:
+            lo, hi, end = _unmasked_span(p_lo, p_hi, p_full_lo, p_full_hi, BLOCK_N)
+            start = p_lo
+        else:
+            lo, hi, end = _unmasked_span(o_lo, o_hi, o_full_lo, o_full_hi, BLOCK_N)
+            start = o_lo
+        dq = _dq_from_keys(dq, q, do, lse, delta, K_HEAD, V_HEAD, VU, stride_kn, stride_vn, rows, start, lo, qk_scale, HEAD_DIM, True, BLOCK_N, BLOCK_D)
+        dq = _dq_from_keys(dq, q, do, lse, delta, K_HEAD, V_HEAD, VU, stride_kn, stride_vn, rows, lo, hi, qk_scale, HEAD_DIM, False, BLOCK_N, BLOCK_D)
+        dq = _dq_from_keys(dq, q, do, lse, delta, K_HEAD, V_HEAD, VU, stride_kn, stride_vn, rows, hi, end, qk_scale, HEAD_DIM, True, BLOCK_N, BLOCK_D)
+    dq *= sm_scale
+    tl.store(DQ + head.to(tl.int64) * stride_dqh + rows[:, None].to(tl.int64) * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
+
+
+# ---- configurations ---------------------------------------------------------------------------------
+def _configs(tiles: list[tuple[int, int, int, int]], small: tuple[int, int], max_tile_elements: int) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, warps, stages) tiles whose operand tiles fit `max_tile_elements`
+    (BLOCK × BLOCK_D, for shared memory and registers); `small` alone in the interpreter."""
+    fitting = [(m, n, w, s) for m, n, w, s in tiles if max(m, n) * max_tile_elements[1] <= max_tile_elements[0]] if isinstance(max_tile_elements, tuple) else tiles
+    return autotune_configs(
+        [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s} for m, n, w, s in fitting],
+        {"BLOCK_M": small[0], "BLOCK_N": small[1], "num_warps": 4, "num_stages": 1},
+    )
+
+
+_FORWARD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 4, 2)]
+_DKDV_TILES = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 3), (64, 128, 4, 2)]
+_DQ_TILES = [(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 3), (128, 64, 4, 2)]
+# The interpreter's block sizes: small, and different between the kernels so that the tests see
+# blocks straddle segments in different places.
+_SMALL = {"forward": (16, 16), "dkdv": (16, 32), "dq": (32, 16)}
+_KEY = ["N_BUCKET", "HEAD_DIM"]
+
+
+def _tuned(kernel, tiles, small, large_head: bool):
+    """Autotuned `kernel`; for head dims past 128 only tiles of at most 64 rows (shared memory)."""
+    fitting = [t for t in tiles if not large_head or max(t[0], t[1]) <= 64] or [(64, 32, 4, 2)]
+    configs = autotune_configs([{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s} for m, n, w, s in fitting],
+                               {"BLOCK_M": small[0], "BLOCK_N": small[1], "num_warps": 4, "num_stages": 1})
+    return triton.autotune(configs=configs, key=_KEY)(kernel)
+
+
+# Indexed by head dim > 128 (separate autotuners rather than prune_configs_by, which not every
+# torch version traces through wrap_triton).
+_FORWARD = [_tuned(_forward_kernel, _FORWARD_TILES, _SMALL["forward"], large) for large in (False, True)]
+_DKDV = [_tuned(_dkdv_kernel, _DKDV_TILES, _SMALL["dkdv"], large) for large in (False, True)]
+_DQ = [_tuned(_dq_kernel, _DQ_TILES, _SMALL["dq"], large) for large in (False, True)]
+_DELTA_BLOCK_M = 16 if INTERPRETING else 64
+
+
+# ---- entry points -----------------------------------------------------------------------------------
+def _rows_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _n_bucket(n: int) -> int:
+    """Autotuning key for the packed length: powers of two, so that new lengths reuse a tuning."""
+    return min(triton.next_power_of_2(n), 1 << 16)
+
+
+def _block_d(d: int) -> int:
+    return max(triton.next_power_of_2(d), 16)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"expected q [H, N, D] and k, v [Hkv, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    heads, n, d = q.shape
+    if k.shape[1:] != (n, d) or heads % k.shape[0]:
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (H must be a multiple of Hkv)")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is past the kernels' {MAX_HEAD_DIM}")
+    if group_start.shape != (n,) or group_start.dtype != torch.int32:
+        raise ValueError(f"layout vectors must be int32 [{n}], got {group_start.dtype} {tuple(group_start.shape)}")
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor,
+            scale: float) -> tuple[Tensor, Tensor]:
+    """q [H, N, D], k/v [Hkv, N, D] (query head h reads kv head h // (H / Hkv)), the layout's int32
+    vectors [N] → (out [H, N, D] in q's dtype, lse float32 [H, N]: the natural-log log-sum-exp of
+    each query's scaled scores, for the backward)."""
+    _check(q, k, v, group_start)
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    heads, n, d = q.shape
+    out = torch.empty((heads, n, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, n), dtype=torch.float32, device=q.device)
+    if n == 0 or heads == 0:
+        return out, lse
+    wrap_triton(_FORWARD[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
+        q, k, v, out, lse, group_start, prefix_end, segment_start,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        n, _n_bucket(n), heads // k.shape[0], scale * LOG2E,
+        HEAD_DIM=d, BLOCK_D=_block_d(d),
+    )
+    return out, lse
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, group_start: Tensor, prefix_end: Tensor,
+             segment_start: Tensor, visible_until: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq [H, N, D], dk [Hkv, N, D], dv [Hkv, N, D]) in the dtypes of q, k, v; dk and dv summed
+    over the query heads that share a kv head."""
+    _check(q, k, v, group_start)
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    grad_out, out, lse = _rows_contiguous(grad_out), _rows_contiguous(out), lse.contiguous()
+    heads, n, d = q.shape
+    kv_heads = k.shape[0]
+    dq = torch.empty((heads, n, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((kv_heads, n, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((kv_heads, n, d), dtype=v.dtype, device=v.device)
+    if n == 0 or heads == 0:
+        return dq, dk, dv
+    block_d = _block_d(d)
+    delta = torch.empty((heads, n), dtype=torch.float32, device=q.device)
+    wrap_triton(_delta_kernel)[(triton.cdiv(n, _DELTA_BLOCK_M), heads)](
+        out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n,
+        HEAD_DIM=d, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d,
+    )
+    common = (n, _n_bucket(n), heads // kv_heads, scale * LOG2E, scale)
+    wrap_triton(_DKDV[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), kv_heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, visible_until,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        *common, HEAD_DIM=d, BLOCK_D=block_d,
+    )
+    wrap_triton(_DQ[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
+        q, k, v, grad_out, lse, delta, dq, group_start, prefix_end, segment_start, visible_until,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
+        dq.stride(0), dq.stride(1),
+        *common, HEAD_DIM=d, BLOCK_D=block_d,
+    )
+    return dq, dk, dv

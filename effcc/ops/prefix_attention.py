@@ -1,0 +1,188 @@
+"""effcc::prefix_attention: attention over a packed layout of shared prefixes and their suffixes.
+
+The tokens of one or more groups lie in one sequence of N tokens:
+
+    [P_1, S_11, S_12, …, S_1G, P_2, S_21, …]
+
+A prefix token attends causally to its own prefix; a suffix token attends to the whole
+prefix of its group and causally to its own suffix (the mask aligned bottom-right, as
+attention over [K_P; K_S] in the ungrouped sequence [P; S]).  Three int32 vectors of
+length N describe the layout, for each query i:
+
+    group_start[i]    first token of i's group (its prefix's first token)
+    prefix_end[i]     one past the last prefix token of i's group
+    segment_start[i]  first token of i's own segment (== group_start for prefix tokens)
+
+Key j is visible to query i iff  group_start[i] ≤ j ≤ i  and  (j < prefix_end[i] or j ≥ segment_start[i]).
+
+For the backward pass, `visible_until[j]` (one past the last query that sees key j) makes
+the queries of a key one contiguous range [j, visible_until[j]): the whole rest of the
+group for a prefix key, the rest of its own suffix for a suffix key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each token of a packed batch of groups sits; int32 vectors of length N (see module doc)."""
+
+    group_start: Tensor
+    prefix_end: Tensor
+    segment_start: Tensor
+    visible_until: Tensor
+
+    @classmethod
+    def build(cls, groups: list[tuple[int, list[int]]], device=None) -> "PackedLayout":
+        """`groups`: (prefix length, [suffix lengths]) per group, in packing order."""
+        group_start, prefix_end, segment_start, visible_until = [], [], [], []
+        at = 0
+        for prefix_len, suffix_lens in groups:
+            start, p_end = at, at + prefix_len
+            group_end = p_end + sum(suffix_lens)
+            group_start += [start] * prefix_len
+            prefix_end += [p_end] * prefix_len
+            segment_start += [start] * prefix_len
+            visible_until += [group_end] * prefix_len
+            at = p_end
+            for length in suffix_lens:
+                group_start += [start] * length
+                prefix_end += [p_end] * length
+                segment_start += [at] * length
+                visible_until += [at + length] * length
+                at += length
+        as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
+        return cls(as_int32(group_start), as_int32(prefix_end), as_int32(segment_start), as_int32(visible_until))
+
+    def to(self, device) -> "PackedLayout":
+        return PackedLayout(*(t.to(device) for t in self.tensors()))
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.group_start, self.prefix_end, self.segment_start, self.visible_until
+
+
+def visible_keys(group_start: Tensor, prefix_end: Tensor, segment_start: Tensor) -> Tensor:
+    """Bool [N, N]: entry (i, j) says whether query i sees key j."""
+    n = group_start.shape[0]
+    i = torch.arange(n, device=group_start.device)[:, None]
+    j = torch.arange(n, device=group_start.device)[None, :]
+    return (j >= group_start[:, None]) & (j <= i) & ((j < prefix_end[:, None]) | (j >= segment_start[:, None]))
+
+
+def prefix_attention_reference(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, scale: float) -> Tensor:
+    """softmax(q kᵀ · scale, masked by the layout) v, in PyTorch; q [..., H, N, D], k and v [..., Hkv, N, D].
+
+    Grouped-query attention: query head h reads key/value head h // (H / Hkv).  Every
+    query sees at least itself, so no row of the softmax is empty."""
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    if heads != kv_heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=-3)
+        v = v.repeat_interleave(heads // kv_heads, dim=-3)
+    mask = visible_keys(group_start, prefix_end, segment_start)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+# ---- the op: Triton kernels on CUDA (or under TRITON_INTERPRET=1), the reference elsewhere ------
+def _use_kernel(q: Tensor) -> bool:
+    """float64 and plain CPU runs take the reference; the kernels accumulate in float32."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels():
+    from ..backends.triton import prefix_attention  # Triton loads only when a kernel runs
+
+    return prefix_attention
+
+
+def _reference_with_lse(q, k, v, group_start, prefix_end, segment_start, scale):
+    heads, kv_heads = q.shape[0], k.shape[0]
+    k = k.repeat_interleave(heads // kv_heads, dim=0)
+    v = v.repeat_interleave(heads // kv_heads, dim=0)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible_keys(group_start, prefix_end, segment_start), float("-inf"))
+    lse = torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, dim=-1)
+    out = torch.softmax(scores, dim=-1) @ v
+    return out, lse.float()
+
+
+@torch.library.custom_op("effcc::prefix_attention_fwd", mutates_args=())
+def prefix_attention_fwd(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """q [H, N, D], k and v [Hkv, N, D] → (out [H, N, D], lse float32 [H, N])."""
+    if _use_kernel(q):
+        return _kernels().forward(q, k, v, group_start, prefix_end, segment_start, scale)
+    out, lse = _reference_with_lse(q, k, v, group_start, prefix_end, segment_start, scale)
+    return out.contiguous(), lse.contiguous()
+
+
+@prefix_attention_fwd.register_fake
+def _(q, k, v, group_start, prefix_end, segment_start, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("effcc::prefix_attention_bwd", mutates_args=())
+def prefix_attention_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _use_kernel(q):
+        return _kernels().backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
+    with torch.enable_grad():  # the reference's gradients, by recomputing it under autograd
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        recomputed, _ = _reference_with_lse(*leaves, group_start, prefix_end, segment_start, scale)
+        return tuple(g.contiguous() for g in torch.autograd.grad(recomputed, leaves, grad_out))
+
+
+@prefix_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, group_start, prefix_end, segment_start, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, group_start, prefix_end, segment_start)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, group_start, prefix_end, segment_start = ctx.saved_tensors
+    visible_until = _visible_until(group_start, prefix_end, segment_start)
+    dq, dk, dv = prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("effcc::prefix_attention_fwd", _backward, setup_context=_save_for_backward)
+
+
+def _visible_until(group_start: Tensor, prefix_end: Tensor, segment_start: Tensor) -> Tensor:
+    """One past the last query that sees each key: the group's end for a prefix key, the segment's end otherwise.
+
+    Derived from the three forward vectors so that autograd needs no fourth input: a
+    segment ends where the next segment starts (or the sequence ends)."""
+    n = group_start.shape[0]
+    index = torch.arange(n, device=group_start.device, dtype=torch.int32)
+    starts_segment = torch.cat([segment_start[1:] != segment_start[:-1], segment_start.new_ones(1, dtype=torch.bool)])
+    starts_group = torch.cat([group_start[1:] != group_start[:-1], group_start.new_ones(1, dtype=torch.bool)])
+    # the first index ≥ i where a new segment (group) starts, i.e. the end of i's segment (group)
+    boundary = torch.full((n,), n, dtype=torch.int32, device=group_start.device)
+    segment_end = torch.where(starts_segment, index + 1, boundary).flip(0).cummin(0).values.flip(0)
+    group_end = torch.where(starts_group, index + 1, boundary).flip(0).cummin(0).values.flip(0)
+    in_prefix = index < prefix_end
+    return torch.where(in_prefix, group_end, segment_end).to(torch.int32)
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, scale: float | None = None) -> Tensor:
+    """Attention of a packed layout (module doc); q [1, H, N, D], k and v [1, Hkv, N, D] as SDPA takes them."""
+    if q.shape[0] != 1:
+        raise ValueError(f"prefix_attention runs on one packed sequence (batch 1), got a batch of {q.shape[0]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, _ = prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, scale)
+    return out.unsqueeze(0)

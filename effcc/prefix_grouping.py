@@ -1,0 +1,238 @@
+"""`effcc.shared_prefix(model)`: run groups of sequences that share a prompt, computing the prompt once.
+
+    grouped = effcc.shared_prefix(model)
+    logits = grouped(prefix_ids, suffix_ids, suffix_mask)      # [G, S, vocab]
+    # == model(cat(prefix, suffix_g)).logits[:, P:] for every g, and so are all gradients
+
+The model is captured once (torch.export) and its graph rewritten by
+`effcc.passes.shared_prefix`: token-wise ops run on the packed tokens [P, S_1, …, S_G],
+attention is effcc's prefix attention.  The grouped module holds the caller's own
+parameters (not copies), so an optimizer built on the model trains through it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from .capture import export
+from .ops.prefix_attention import PackedLayout
+from .passes.shared_prefix import PackedGraph, SharedPrefixError, pack_for_groups
+
+SAMPLE_LENGTH = 16  # tokens in the capture's example input; any length ≥ 2 runs afterwards
+
+
+@dataclass
+class PackedBatch:
+    """Model inputs for a packed batch of groups and where the kept rows go back."""
+
+    input_ids: Tensor  # [1, N]
+    position_ids: Tensor  # [1, N]
+    layout: PackedLayout
+    keep: Tensor  # [K] token indices whose logits are computed
+    longest_sequence: int  # the longest ungrouped sequence P + S_g, for the mask check
+
+
+class SharedPrefixModel(nn.Module):
+    """A decoder that runs groups [P; S_1 … S_G] with the prefix computed once (see module doc)."""
+
+    def __init__(self, model: nn.Module, packed: PackedGraph):
+        super().__init__()
+        self.graph_module = packed.gm
+        self.attention_sites = packed.sites
+        self.notes = packed.notes
+        self._mask_check = packed.mask_check
+        self._run = self.graph_module
+        object.__setattr__(self, "model", model)  # the caller's model, not a submodule: no second copy in state_dict
+
+    def compile(self, **options) -> "SharedPrefixModel":
+        """torch.compile the packed graph (dynamic sizes: group shapes change every batch)."""
+        self._run = torch.compile(self.graph_module, dynamic=True, **options)
+        return self
+
+    # ---- the public calls --------------------------------------------------------------------
+    def forward(self, prefix_ids, suffix_ids, suffix_mask=None):
+        """Logits [G, S, vocab] at the suffix tokens (zeros at padding); lists in, list out for several groups."""
+        groups, several = _as_groups(prefix_ids, suffix_ids, suffix_mask)
+        batch = pack(groups, rows="suffix")
+        logits = self._logits(batch)
+        pieces = _unpack_rows(logits, [mask for _, _, mask in groups])
+        return pieces if several else pieces[0]
+
+    def token_logprobs(self, prefix_ids, suffix_ids, suffix_mask=None):
+        """log p(suffix token t | prefix, suffix tokens < t), [G, S] (zeros at padding): what GRPO's loss reads.
+
+        The first suffix token is predicted by the prefix's last position, so only the
+        rows that predict a suffix token go through the LM head."""
+        groups, several = _as_groups(prefix_ids, suffix_ids, suffix_mask)
+        batch = pack(groups, rows="predicting")
+        logits = self._logits(batch)
+        targets = torch.cat([ids[mask] for _, ids, mask in groups])
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        pieces = _unpack_rows(logprobs, [mask for _, _, mask in groups])
+        return pieces if several else pieces[0]
+
+    def _logits(self, batch: PackedBatch) -> Tensor:
+        if self._mask_check is not None:
+            self._mask_check.ensure(batch.longest_sequence, batch.input_ids.device)
+        layout = batch.layout
+        out = self._run(batch.input_ids, batch.position_ids, layout.group_start, layout.prefix_end, layout.segment_start, batch.keep)
+        return out[0]
+
+
+# ---- inputs: checking and packing --------------------------------------------------------------
+def _as_groups(prefix_ids, suffix_ids, suffix_mask):
+    """[(prefix [P], suffixes [G, S], mask [G, S] bool)], and whether several groups were given."""
+    several = isinstance(prefix_ids, (list, tuple))
+    prefixes = list(prefix_ids) if several else [prefix_ids]
+    suffixes = list(suffix_ids) if several else [suffix_ids]
+    masks = list(suffix_mask) if several and suffix_mask is not None else [suffix_mask] * len(prefixes) if suffix_mask is None else [suffix_mask]
+    if not (len(prefixes) == len(suffixes) == len(masks)):
+        raise ValueError(f"{len(prefixes)} prefixes, {len(suffixes)} suffix batches and {len(masks)} masks: give one of each per group")
+    groups = []
+    for index, (prefix, suffix, mask) in enumerate(zip(prefixes, suffixes, masks)):
+        where = f"group {index}: " if several else ""
+        if not isinstance(prefix, Tensor) or prefix.dim() != 1 or prefix.numel() == 0:
+            raise ValueError(f"{where}prefix_ids must be a non-empty 1-D tensor of token ids [P], got {_shape(prefix)}")
+        if not isinstance(suffix, Tensor) or suffix.dim() != 2:
+            raise ValueError(f"{where}suffix_ids must be a 2-D tensor [G, S], got {_shape(suffix)}")
+        if mask is None:
+            mask = torch.ones(suffix.shape, dtype=torch.bool, device=suffix.device)
+        if mask.shape != suffix.shape or mask.dtype != torch.bool:
+            raise ValueError(f"{where}suffix_mask must be a bool tensor of suffix_ids' shape {tuple(suffix.shape)}, got {_shape(mask)} {mask.dtype}")
+        if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+            raise ValueError(f"{where}suffix_mask must be right-padded (True for real tokens, then False)")
+        groups.append((prefix, suffix, mask))
+    return groups, several
+
+
+def _shape(value) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+
+
+def pack(groups, rows: str) -> PackedBatch:
+    """Pack groups into one sequence; `rows` says which tokens' logits to keep:
+    "suffix" (every suffix token) or "predicting" (the tokens that predict a suffix token)."""
+    ids, positions, keep, layout_groups = [], [], [], []
+    at, longest = 0, 0
+    for prefix, suffix, mask in groups:
+        lengths = mask.sum(1).tolist()
+        layout_groups.append((prefix.numel(), lengths))
+        ids.append(prefix)
+        positions.append(torch.arange(prefix.numel()))
+        last_prefix_token = at + prefix.numel() - 1
+        at += prefix.numel()
+        for row, length in zip(suffix, lengths):
+            ids.append(row[:length])
+            positions.append(torch.arange(prefix.numel(), prefix.numel() + length))
+            if rows == "suffix":
+                keep.append(torch.arange(at, at + length))
+            elif length:  # the prefix's last token predicts the first suffix token
+                keep.append(torch.tensor([last_prefix_token]))
+                keep.append(torch.arange(at, at + length - 1))
+            at += length
+            longest = max(longest, prefix.numel() + length)
+    device = groups[0][0].device
+    return PackedBatch(
+        input_ids=torch.cat(ids)[None].to(device),
+        position_ids=torch.cat(positions)[None].to(device),
+        layout=PackedLayout.build(layout_groups, device=device),
+        keep=torch.cat(keep).to(device) if keep else torch.zeros(0, dtype=torch.long, device=device),
+        longest_sequence=max(longest, 2),
+    )
+
+
+def _unpack_rows(rows: Tensor, masks: list[Tensor]) -> list[Tensor]:
+    """Kept rows [K, …] (groups in order, suffix tokens row-major) → one [G, S, …] per group, zeros at padding."""
+    pieces, at = [], 0
+    for mask in masks:
+        count = int(mask.sum())
+        piece = rows.new_zeros(*mask.shape, *rows.shape[1:])
+        piece[mask] = rows[at : at + count]
+        pieces.append(piece)
+        at += count
+    return pieces
+
+
+# ---- capture ------------------------------------------------------------------------------------
+def shared_prefix(model: nn.Module, *, compile: bool = False) -> SharedPrefixModel:
+    """Capture `model` (a causal LM: forward(input_ids[, position_ids]) → logits) and rewrite it for shared prompts.
+
+    Raises SharedPrefixError naming the attention that cannot be split and why (bidirectional,
+    a token-dependent mask or bias, dropout in attention...).  The model runs with dropout off,
+    as grouped and ungrouped runs can only agree then."""
+    parameters = inspect.signature(model.forward).parameters
+    ids_name = "input_ids" if "input_ids" in parameters else next(iter(parameters))
+    positions_name = "position_ids" if "position_ids" in parameters else None
+    device = next(model.parameters()).device
+    tokens = Dim("tokens", min=2)
+    kwargs = {ids_name: torch.zeros(1, SAMPLE_LENGTH, dtype=torch.long, device=device)}
+    dynamic = {ids_name: {1: tokens}}
+    if positions_name:
+        kwargs[positions_name] = torch.arange(SAMPLE_LENGTH, device=device)[None]
+        dynamic[positions_name] = {1: tokens}
+    if "use_cache" in parameters:
+        kwargs["use_cache"], dynamic["use_cache"] = False, None
+    with _sdpa_attention(model):
+        try:
+            exported = export(model, (), kwargs, dynamic)
+        except Exception as error:  # noqa: BLE001 - reported in the user's terms
+            raise SharedPrefixError(f"could not capture {type(model).__name__} for grouped runs: {type(error).__name__}: {str(error).splitlines()[0][:300]}") from error
+    gm = exported.module()
+    logits_index = _logits_leaf(gm, kwargs)
+    _share_callers_tensors(gm, model)
+    grouped = SharedPrefixModel(model, pack_for_groups(gm, logits_index, ids_name, positions_name))
+    return grouped.compile() if compile else grouped
+
+
+class _sdpa_attention:
+    """Hugging Face models choose their attention code by name: capture them with SDPA, then restore the choice."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        config = getattr(model, "config", None)
+        self.previous = getattr(config, "_attn_implementation", None)
+
+    def __enter__(self):
+        if self.previous not in (None, "sdpa") and hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation("sdpa")
+
+    def __exit__(self, *exc):
+        if self.previous not in (None, "sdpa") and hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation(self.previous)
+
+
+def _logits_leaf(gm, kwargs) -> int:
+    """Which output leaf is the logits: the tensor itself, or a model output's `.logits`."""
+    with torch.no_grad():
+        out = gm(**kwargs)
+    logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        logits = out[0]
+    leaves = pytree.tree_leaves(out)
+    for index, leaf in enumerate(leaves):
+        if leaf is logits:
+            return index
+    raise SharedPrefixError(f"the model returns {type(out).__name__}; expected logits, a tuple starting with logits, or an output with .logits")
+
+
+def _share_callers_tensors(gm: nn.Module, model: nn.Module) -> None:
+    """Point the captured graph at the caller's parameters and buffers: weights shared, gradients land on the model."""
+    for name, value in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        path, _, leaf = name.rpartition(".")
+        try:
+            owner = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = value
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = value
+
+
+__all__ = ["SharedPrefixError", "SharedPrefixModel", "shared_prefix"]
