@@ -9,6 +9,7 @@ from . import qat
 from .api import OptimizeResult, check_onnx, export_onnx, optimize, verify
 from .errors import CaptureError, EffccError, UnknownPassError, VerificationError
 from .passes import REGISTRY, Guarantee, Pass, register_pass
+from .prefix_grouping import SharedPrefixError, SharedPrefixModel, shared_prefix
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,8 @@ __all__ = [
     "optimize",
     "qat",
     "register_pass",
+    "shared_prefix",
+    "SharedPrefixError",
+    "SharedPrefixModel",
     "verify",
 ]

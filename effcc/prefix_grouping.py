@@ -73,7 +73,8 @@ class SharedPrefixModel(nn.Module):
         batch = pack(groups, rows="predicting")
         logits = self._logits(batch)
         targets = torch.cat([ids[mask] for _, ids, mask in groups])
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        logprobs = torch.log_softmax(wide, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
         pieces = _unpack_rows(logprobs, [mask for _, _, mask in groups])
         return pieces if several else pieces[0]
 

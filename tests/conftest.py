@@ -65,6 +65,15 @@ def _llama():
     )
 
 
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(
+        Qwen2Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, use_cache=False)
+    )
+
+
 def _bert():
     from transformers import BertConfig, BertForMaskedLM
 
@@ -106,7 +115,7 @@ def _phi():
     )
 
 
-HF_MODELS = {"bloom": _bloom, "phi": _phi, "gpt2": _gpt2, "opt": _opt, "llama": _llama, "bert": _bert, "gemma": _gemma, "gpt_neox": _neox, "opt_post_ln": _opt_post_ln}
+HF_MODELS = {"bloom": _bloom, "phi": _phi, "gpt2": _gpt2, "opt": _opt, "llama": _llama, "bert": _bert, "gemma": _gemma, "qwen2": _qwen2, "gpt_neox": _neox, "opt_post_ln": _opt_post_ln}
 
 
 def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:

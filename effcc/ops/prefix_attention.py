@@ -108,14 +108,37 @@ def _reference_with_lse(q, k, v, group_start, prefix_end, segment_start, scale):
     v = v.repeat_interleave(heads // kv_heads, dim=0)
     scores = (q @ k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible_keys(group_start, prefix_end, segment_start), float("-inf"))
-    lse = torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, dim=-1)
+    lse = torch.logsumexp(scores.to(_lse_dtype(q)), dim=-1)
     out = torch.softmax(scores, dim=-1) @ v
-    return out, lse.float()
+    return out, lse
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    """float32 as the kernels keep it, float64 for float64 runs (their gradients must stay exact)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, scale):
+    """The attention gradients written out (an op's body runs below autograd, so no autograd here):
+    P = exp(S − lse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K · scale, dK = dSᵀ Q · scale."""
+    heads, kv_heads = q.shape[0], k.shape[0]
+    repeat = heads // kv_heads
+    k_wide, v_wide = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
+    scores = (q @ k_wide.transpose(-1, -2)) * scale
+    probs = torch.exp(scores - lse.to(scores.dtype)[..., None])
+    probs = probs.masked_fill(~visible_keys(group_start, prefix_end, segment_start), 0)
+    dv = probs.transpose(-1, -2) @ grad_out
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    dscores = probs * (grad_out @ v_wide.transpose(-1, -2) - delta)
+    dq = (dscores @ k_wide) * scale
+    dk = (dscores.transpose(-1, -2) @ q) * scale
+    fold = lambda t: t.view(kv_heads, repeat, *t.shape[1:]).sum(1)  # noqa: E731 - heads sharing a kv head add up
+    return dq.contiguous(), fold(dk).contiguous(), fold(dv).contiguous()
 
 
 @torch.library.custom_op("effcc::prefix_attention_fwd", mutates_args=())
 def prefix_attention_fwd(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """q [H, N, D], k and v [Hkv, N, D] → (out [H, N, D], lse float32 [H, N])."""
+    """q [H, N, D], k and v [Hkv, N, D] → (out [H, N, D], lse [H, N]: float32, float64 for float64 inputs)."""
     if _use_kernel(q):
         return _kernels().forward(q, k, v, group_start, prefix_end, segment_start, scale)
     out, lse = _reference_with_lse(q, k, v, group_start, prefix_end, segment_start, scale)
@@ -124,7 +147,7 @@ def prefix_attention_fwd(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, p
 
 @prefix_attention_fwd.register_fake
 def _(q, k, v, group_start, prefix_end, segment_start, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("effcc::prefix_attention_bwd", mutates_args=())
@@ -134,10 +157,7 @@ def prefix_attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _use_kernel(q):
         return _kernels().backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
-    with torch.enable_grad():  # the reference's gradients, by recomputing it under autograd
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        recomputed, _ = _reference_with_lse(*leaves, group_start, prefix_end, segment_start, scale)
-        return tuple(g.contiguous() for g in torch.autograd.grad(recomputed, leaves, grad_out))
+    return _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, scale)
 
 
 @prefix_attention_bwd.register_fake

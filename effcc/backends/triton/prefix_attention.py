@@ -38,8 +38,8 @@ from torch.library import wrap_triton
 
 from .quantized_linear import INTERPRETING, autotune_configs
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x · log2 e)
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): the kernels work in base 2
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 
 
@@ -101,13 +101,16 @@ def _attend(acc, m_i, l_i, q, K_HEAD, V_HEAD, stride_kn, stride_vn, rows, gs, pe
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    # 64-bit row offset once; then pointer steps (a packed row index times a stride may pass 2³¹)
+    k_ptrs = K_HEAD + start.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V_HEAD + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < end
-        k = tl.load(K_HEAD + n0.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V_HEAD + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
         s = _dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             j = cols[None, :]
@@ -166,7 +169,7 @@ def _forward_kernel(
     l_i = tl.where(row_ok, l_i, 1.0)  # rows past N (never stored) saw keys too; keep them finite anyway
     out = acc / l_i[:, None]
     tl.store(O + head.to(tl.int64) * stride_oh + rows[:, None].to(tl.int64) * stride_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=io_mask)
-    tl.store(LSE + head.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+    tl.store(LSE + head.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
 
 
 # ---- backward -------------------------------------------------------------------------------------
@@ -191,14 +194,16 @@ def _dkdv_from_queries(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, stri
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    qT_ptrs = Q_HEAD + start.to(tl.int64) * stride_qn + offs_m[None, :] * stride_qn + offs_d[:, None]
+    do_ptrs = DO_HEAD + start.to(tl.int64) * stride_don + offs_m[:, None] * stride_don + offs_d[None, :]
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + offs_m
         row_ok = rows < end
-        qT = tl.load(Q_HEAD + m0.to(tl.int64) * stride_qn + offs_m[None, :] * stride_qn + offs_d[:, None],
-                     mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-        do = tl.load(DO_HEAD + m0.to(tl.int64) * stride_don + offs_m[:, None] * stride_don + offs_d[None, :],
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(LSE_HEAD + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        qT = tl.load(qT_ptrs, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        qT_ptrs += BLOCK_M * stride_qn
+        do_ptrs += BLOCK_M * stride_don
+        lse = tl.load(LSE_HEAD + rows, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA_HEAD + rows, mask=row_ok, other=0.0)
         pT = tl.exp2(_dot(k, qT) * qk_scale - lse[None, :])
         if MASKED:
@@ -236,17 +241,20 @@ def _dkdv_kernel(
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for head in range(kv_head * heads_per_kv, (kv_head + 1) * heads_per_kv):
-        Q_HEAD = Q + head.to(tl.int64) * stride_qh
-        DO_HEAD = DO + head.to(tl.int64) * stride_doh
-        LSE_HEAD = LSE + head.to(tl.int64) * N
-        DELTA_HEAD = DELTA + head.to(tl.int64) * N
+    first_head = (kv_head * heads_per_kv).to(tl.int64)
+    Q_HEAD, DO_HEAD = Q + first_head * stride_qh, DO + first_head * stride_doh
+    LSE_HEAD, DELTA_HEAD = LSE + first_head * N, DELTA + first_head * N
+    for _ in range(heads_per_kv):  # the query heads that read this kv head
         dk, dv = _dkdv_from_queries(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, stride_qn, stride_don, cols, vu, n0, lo, qk_scale,
                                     HEAD_DIM, True, BLOCK_M, BLOCK_D)
         dk, dv = _dkdv_from_queries(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, stride_qn, stride_don, cols, vu, lo, hi, qk_scale,
                                     HEAD_DIM, False, BLOCK_M, BLOCK_D)
         dk, dv = _dkdv_from_queries(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, stride_qn, stride_don, cols, vu, hi, end, qk_scale,
                                     HEAD_DIM, True, BLOCK_M, BLOCK_D)
+        Q_HEAD += stride_qh
+        DO_HEAD += stride_doh
+        LSE_HEAD += N
+        DELTA_HEAD += N
     dk *= sm_scale  # dS was taken with respect to the scaled scores
     tl.store(DK + kv_head.to(tl.int64) * stride_dkh + cols[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=io_mask)
     tl.store(DV + kv_head.to(tl.int64) * stride_dvh + cols[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=io_mask)
@@ -259,13 +267,16 @@ def _dq_from_keys(dq, q, do, lse, delta, K_HEAD, V_HEAD, VU, stride_kn, stride_v
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    # 64-bit row offset once; then pointer steps (a packed row index times a stride may pass 2³¹)
+    k_ptrs = K_HEAD + start.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V_HEAD + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < end
-        k = tl.load(K_HEAD + n0.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V_HEAD + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
         p = tl.exp2(_dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         if MASKED:
             vu = tl.load(VU + cols, mask=col_ok, other=0)
@@ -293,7 +304,7 @@ def _dq_kernel(
     io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(Q + head.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
     do = tl.load(DO + head.to(tl.int64) * stride_doh + rows[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=io_mask, other=0.0)
-    lse = tl.load(LSE + head.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + head.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + head.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
     K_HEAD = K + kv_head.to(tl.int64) * stride_kh
     V_HEAD = V + kv_head.to(tl.int64) * stride_vh
@@ -315,16 +326,6 @@ def _dq_kernel(
 
 
 # ---- configurations ---------------------------------------------------------------------------------
-def _configs(tiles: list[tuple[int, int, int, int]], small: tuple[int, int], max_tile_elements: int) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, warps, stages) tiles whose operand tiles fit `max_tile_elements`
-    (BLOCK × BLOCK_D, for shared memory and registers); `small` alone in the interpreter."""
-    fitting = [(m, n, w, s) for m, n, w, s in tiles if max(m, n) * max_tile_elements[1] <= max_tile_elements[0]] if isinstance(max_tile_elements, tuple) else tiles
-    return autotune_configs(
-        [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s} for m, n, w, s in fitting],
-        {"BLOCK_M": small[0], "BLOCK_N": small[1], "num_warps": 4, "num_stages": 1},
-    )
-
-
 _FORWARD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 4, 2)]
 _DKDV_TILES = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 3), (64, 128, 4, 2)]
 _DQ_TILES = [(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 3), (128, 64, 4, 2)]
@@ -391,7 +392,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Te
     wrap_triton(_FORWARD[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
         q, k, v, out, lse, group_start, prefix_end, segment_start,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        n, _n_bucket(n), heads // k.shape[0], scale * LOG2E,
+        n, _n_bucket(n), heads // k.shape[0], scale * LOG2E.value,
         HEAD_DIM=d, BLOCK_D=_block_d(d),
     )
     return out, lse
@@ -417,7 +418,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n,
         HEAD_DIM=d, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d,
     )
-    common = (n, _n_bucket(n), heads // kv_heads, scale * LOG2E, scale)
+    common = (n, _n_bucket(n), heads // kv_heads, scale * LOG2E.value, scale)
     wrap_triton(_DKDV[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), kv_heads)](
         q, k, v, grad_out, lse, delta, dk, dv, visible_until,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),

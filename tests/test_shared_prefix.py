@@ -1,0 +1,250 @@
+"""effcc.shared_prefix: grouped runs equal the ungrouped batch, in logits and in every gradient.
+
+Reference: the caller's model on each full sequence cat(prefix, suffix_g) (positions
+0…P+S−1, nothing shared), loss on suffix tokens only, as in GRPO.  float64 runs the op's
+PyTorch reference; float32 runs the Triton kernel (its interpreter on the CPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import effcc
+from effcc.passes.shared_prefix import SharedPrefixError
+
+from conftest import VOCAB, build
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}  # relative: max|Δ| / max|reference|
+ARCHITECTURES = ["gpt2", "llama", "qwen2", "gpt_neox"]
+
+
+def ragged_group(prefix_len=7, lengths=(5, 3, 1, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(2, VOCAB, (prefix_len,), generator=g)
+    suffix = torch.randint(2, VOCAB, (len(lengths), max(lengths)), generator=g)
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    return prefix, suffix, mask
+
+
+def ungrouped_logprobs(model, prefix, suffix, mask):
+    """log p of every real suffix token, one full sequence at a time (the thing being replaced)."""
+    rows = []
+    for row, valid in zip(suffix, mask):
+        sequence = torch.cat([prefix, row[valid]])
+        logits = model(sequence[None]).logits[0] if hasattr(model, "config") else model(sequence[None])[0]
+        predicting = logits[prefix.numel() - 1 : -1]
+        logprob = torch.log_softmax(predicting.float() if predicting.dtype != torch.float64 else predicting, -1)
+        full = logprob.new_zeros(suffix.shape[1])
+        full[: int(valid.sum())] = logprob.gather(-1, row[valid][:, None]).squeeze(-1)
+        rows.append(full)
+    return torch.stack(rows)
+
+
+def ungrouped_logits(model, prefix, suffix, mask):
+    out = []
+    for row, valid in zip(suffix, mask):
+        logits = model(torch.cat([prefix, row[valid]])[None]).logits[0, prefix.numel():]
+        padded = logits.new_zeros(suffix.shape[1], logits.shape[-1])
+        padded[: logits.shape[0]] = logits
+        out.append(padded)
+    return torch.stack(out)
+
+
+def relative_error(a, b):
+    return float((a - b).abs().max().detach() / b.abs().max().detach())
+
+
+def grads_of(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def weights(mask, seed=3):
+    """Per-token loss weights (GRPO's advantages), zero at padding."""
+    return torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * mask
+
+
+def rms_norm_in_float64(monkeypatch):
+    """Hugging Face's LLaMA/Qwen2 RMSNorm rounds to float32 even in a float64 model, so their
+    float64 gradients (summed over the group in one order, per sequence in the other) differ
+    at 1e-7 from that rounding alone.  To test the rewrite at float64 precision, the norm
+    computes the same formula in the model's dtype."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    def forward(self, hidden):
+        return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    for norm in (LlamaRMSNorm, Qwen2RMSNorm):
+        monkeypatch.setattr(norm, "forward", forward)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_logits_and_gradients_equal_the_ungrouped_batch(arch, dtype, monkeypatch):
+    if dtype == torch.float64:
+        rms_norm_in_float64(monkeypatch)
+    model = build(arch, dtype)
+    grouped = effcc.shared_prefix(model)
+    prefix, suffix, mask = ragged_group()
+    tol = TOLERANCE[dtype]
+
+    logits = grouped(prefix, suffix, mask)
+    reference = ungrouped_logits(model, prefix, suffix, mask)
+    assert logits.shape == (4, 5, VOCAB)
+    assert relative_error(logits * mask[..., None], reference) <= tol
+    assert bool((logits[~mask] == 0).all())
+
+    w = weights(mask)
+    grouped_grads = grads_of(model, (grouped.token_logprobs(prefix, suffix, mask).double() * w).sum())
+    reference_grads = grads_of(model, (ungrouped_logprobs(model, prefix, suffix, mask).double() * w).sum())
+    assert grouped_grads.keys() == reference_grads.keys() and len(reference_grads) == len(list(model.parameters()))
+    for name, reference_grad in reference_grads.items():
+        assert relative_error(grouped_grads[name], reference_grad) <= tol, name
+
+
+def test_several_groups_with_different_prefix_lengths(monkeypatch):
+    rms_norm_in_float64(monkeypatch)
+    model = build("llama", torch.float64)
+    grouped = effcc.shared_prefix(model)
+    groups = [ragged_group(7, (5, 3), seed=1), ragged_group(3, (2, 6, 6), seed=2), ragged_group(1, (4,), seed=3)]
+    prefixes, suffixes, masks = zip(*groups)
+    results = grouped(list(prefixes), list(suffixes), list(masks))
+    logprobs = grouped.token_logprobs(list(prefixes), list(suffixes), list(masks))
+    for (prefix, suffix, mask), logits, lp in zip(groups, results, logprobs):
+        assert relative_error(logits * mask[..., None], ungrouped_logits(model, prefix, suffix, mask)) <= 1e-10
+        assert relative_error(lp, ungrouped_logprobs(model, prefix, suffix, mask)) <= 1e-10
+
+
+def test_weights_are_shared_and_the_callers_model_is_unchanged():
+    model = build("gpt2", torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grouped = effcc.shared_prefix(model)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    grouped_parameters = list(grouped.named_parameters())
+    assert {id(p) for _, p in grouped_parameters} == {id(p) for p in model.parameters()}
+    for name, p in grouped_parameters:
+        assert p is named[name.removeprefix("graph_module.")]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # an optimizer on the caller's model trains the grouped model too
+    prefix, suffix, mask = ragged_group()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = grouped.token_logprobs(prefix, suffix, mask)
+    (-first.sum()).backward()
+    optimizer.step()
+    second = grouped.token_logprobs(prefix, suffix, mask)
+    assert second.sum() > first.sum()
+    assert relative_error(second, ungrouped_logprobs(model, prefix, suffix, mask)) <= 1e-10
+
+
+def test_eager_attention_models_are_captured_with_sdpa_and_left_as_they_were():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=VOCAB, use_cache=False, attn_implementation="eager")
+    model = LlamaForCausalLM(config).double().eval()
+    grouped = effcc.shared_prefix(model)
+    assert model.config._attn_implementation == "eager"
+    prefix, suffix, mask = ragged_group()
+    # HF's eager attention takes its softmax in float32 even in a float64 model; SDPA does not
+    assert relative_error(grouped(prefix, suffix, mask) * mask[..., None], ungrouped_logits(model, prefix, suffix, mask)) <= 1e-6
+
+
+# ---- a plain decoder: no Hugging Face, positions made inside with arange -----------------------
+class TinyDecoder(nn.Module):
+    def __init__(self, vocab=VOCAB, d=32, heads=4, layers=2, context=64, attention_dropout=0.0):
+        super().__init__()
+        self.heads, self.attention_dropout = heads, attention_dropout
+        self.tokens, self.positions = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"norm1": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d), "out": nn.Linear(d, d), "norm2": nn.LayerNorm(d),
+                           "mlp": nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))})
+            for _ in range(layers)
+        )
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        b, t = idx.shape
+        x = self.tokens(idx) + self.positions(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](x)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.attention_dropout)
+            x = x + block["out"](attended.transpose(1, 2).reshape(b, t, -1))
+            x = x + block["mlp"](block["norm2"](x))
+        return self.head(self.norm(x))
+
+
+def test_plain_decoder_with_positions_from_arange():
+    torch.manual_seed(0)
+    model = TinyDecoder().double().eval()
+    grouped = effcc.shared_prefix(model)
+    prefix, suffix, mask = ragged_group()
+    reference = torch.stack([
+        F.pad(model(torch.cat([prefix, row[valid]])[None])[0, prefix.numel():], (0, 0, 0, int((~valid).sum())))
+        for row, valid in zip(suffix, mask)
+    ])
+    assert relative_error(grouped(prefix, suffix, mask) * mask[..., None], reference) <= 1e-10
+    assert any("arange" in note for note in grouped.notes)
+
+
+# ---- refusals: each names the attention and the reason -----------------------------------------
+def test_bidirectional_attention_is_refused():
+    with pytest.raises(SharedPrefixError, match="bidirectional|not the causal mask|token values"):
+        grouped = effcc.shared_prefix(build("bert", torch.float64))
+        grouped(*ragged_group()[:2])
+
+
+def test_attention_written_out_by_hand_is_refused():
+    # BLOOM adds its ALiBi bias with baddbmm and a softmax: no SDPA node to split
+    with pytest.raises(SharedPrefixError, match="no scaled_dot_product_attention"):
+        effcc.shared_prefix(build("bloom", torch.float64))
+
+
+def test_an_attention_bias_is_refused():
+    class BiasedDecoder(TinyDecoder):
+        def forward(self, idx):  # a learned-free additive bias of distance, like ALiBi, given to SDPA
+            b, t = idx.shape
+            x = self.tokens(idx) + self.positions(torch.arange(t, device=idx.device))
+            distance = torch.arange(t)[None, :] - torch.arange(t)[:, None]
+            bias = torch.where(distance <= 0, 0.1 * distance.to(x.dtype), float("-inf"))
+            q, k, v = self.blocks[0]["qkv"](x).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            return self.head(self.blocks[0]["out"](F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, t, -1)))
+
+    torch.manual_seed(0)
+    grouped = effcc.shared_prefix(BiasedDecoder().double().eval())
+    with pytest.raises(SharedPrefixError, match="not the causal mask"):
+        grouped(*ragged_group())
+
+
+def test_a_sliding_window_shorter_than_the_sequence_is_refused_when_it_matters():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                             vocab_size=VOCAB, sliding_window=6, use_cache=False)).double().eval()
+    grouped = effcc.shared_prefix(model)
+    short = ragged_group(prefix_len=3, lengths=(2, 3))  # longest sequence 6: inside the window, exact
+    assert relative_error(grouped(*short) * short[2][..., None], ungrouped_logits(model, *short)) <= 1e-10
+    with pytest.raises(SharedPrefixError, match="not the causal mask"):
+        grouped(*ragged_group())  # longest sequence 12: the window cuts the prefix
+
+
+def test_attention_dropout_is_refused():
+    with pytest.raises(SharedPrefixError, match="dropout"):
+        effcc.shared_prefix(TinyDecoder(attention_dropout=0.1))
+
+
+def test_bad_inputs_get_clear_errors():
+    grouped = effcc.shared_prefix(build("gpt2", torch.float64))
+    prefix, suffix, mask = ragged_group()
+    with pytest.raises(ValueError, match="right-padded"):
+        grouped(prefix, suffix, mask.flip(1))
+    with pytest.raises(ValueError, match="prefix_ids must be a non-empty 1-D"):
+        grouped(prefix[None], suffix, mask)
+    with pytest.raises(ValueError, match="suffix_mask must be a bool tensor"):
+        grouped(prefix, suffix, mask[:, :2])
