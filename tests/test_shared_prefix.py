@@ -248,3 +248,14 @@ def test_bad_inputs_get_clear_errors():
         grouped(prefix[None], suffix, mask)
     with pytest.raises(ValueError, match="suffix_mask must be a bool tensor"):
         grouped(prefix, suffix, mask[:, :2])
+
+
+def test_compiled_grouped_model_runs_new_group_shapes_without_recompiling():
+    model = build("llama", torch.float32)
+    grouped = effcc.shared_prefix(model).compile()
+    for seed, (prefix_len, lengths) in enumerate([(7, (5, 3, 1, 4)), (9, (2, 6))]):
+        prefix, suffix, mask = ragged_group(prefix_len, lengths, seed)
+        logprobs = grouped.token_logprobs(prefix, suffix, mask)
+        assert relative_error(logprobs, ungrouped_logprobs(model, prefix, suffix, mask)) <= 1e-5
+        logprobs.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

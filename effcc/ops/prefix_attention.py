@@ -140,14 +140,15 @@ def _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, se
 def prefix_attention_fwd(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """q [H, N, D], k and v [Hkv, N, D] → (out [H, N, D], lse [H, N]: float32, float64 for float64 inputs)."""
     if _use_kernel(q):
-        return _kernels().forward(q, k, v, group_start, prefix_end, segment_start, scale)
+        out, lse = _kernels().forward(q, k, v, group_start, prefix_end, segment_start, scale)
+        return out.contiguous(), lse.contiguous()
     out, lse = _reference_with_lse(q, k, v, group_start, prefix_end, segment_start, scale)
     return out.contiguous(), lse.contiguous()
 
 
 @prefix_attention_fwd.register_fake
 def _(q, k, v, group_start, prefix_end, segment_start, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))  # contiguous, as the op returns
 
 
 @torch.library.custom_op("effcc::prefix_attention_bwd", mutates_args=())
@@ -156,13 +157,14 @@ def prefix_attention_bwd(
     group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _use_kernel(q):
-        return _kernels().backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
+        grads = _kernels().backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
+        return tuple(g.contiguous() for g in grads)
     return _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, scale)
 
 
 @prefix_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _save_for_backward(ctx, inputs, output):

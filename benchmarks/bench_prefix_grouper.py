@@ -1,0 +1,201 @@
+"""Shared-prefix (Prefix Grouper) training step on the GPU: grouped vs ungrouped, one process.
+
+    python benchmarks/bench_prefix_grouper.py [--quick] [--out benchmarks/results/prefix_grouper_h100.json]
+
+1. Attention alone (bf16, H=16, D=64), forward + backward: effcc's prefix-attention
+   kernel on the packed layout [P, S_1 … S_G]; flex_attention (compiled) with the same
+   mask as a block mask; and SDPA (flash) on the ungrouped batch [G, P+S], is_causal.
+2. The model: a ~350M-parameter LLaMA-style decoder (d=1024, 24 layers, 16 heads, bf16).
+   One GRPO-style step: token log-probs of the suffixes, weighted sum, backward.  Ungrouped:
+   the batch [G, P+S] through torch.compile(model) (LM head only on the rows that predict
+   a suffix token).  Grouped: effcc.shared_prefix(model).compile().  Time (median of CUDA
+   event timings) and peak memory for P ∈ {1024, 4096}, G ∈ {4, 8, 16}, S ∈ {256, 512};
+   the speedup is compared with the ideal FLOP ratio (ungrouped FLOPs / grouped FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
+
+
+def timed(fn, warmup=2, reps=5) -> float:
+    """Median milliseconds of `fn()` (a whole step, so CUDA events around it are enough)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def peak_memory(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+# ---- 1. attention alone --------------------------------------------------------------------------
+def attention_rows(shapes) -> list[dict]:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from effcc.ops.prefix_attention import PackedLayout, prefix_attention
+
+    flex = torch.compile(flex_attention)
+    rows = []
+    heads, dim = 16, 64
+    for prefix_len, group, suffix_len in shapes:
+        layout = PackedLayout.build([(prefix_len, [suffix_len] * group)], device=DEVICE)
+        n = prefix_len + group * suffix_len
+        q, k, v = (torch.randn(1, heads, n, dim, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
+        qu, ku, vu = (torch.randn(group, heads, prefix_len + suffix_len, dim, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
+        gs, pe, ss = layout.group_start, layout.prefix_end, layout.segment_start
+
+        def visible(b, h, qi, kj):
+            return (kj >= gs[qi]) & (kj <= qi) & ((kj < pe[qi]) | (kj >= ss[qi]))
+
+        block_mask = create_block_mask(visible, None, None, n, n, device=DEVICE)
+
+        def step(fn, *tensors):
+            out = fn(*tensors)
+            out.backward(torch.ones_like(out))
+
+        cases = {
+            "effcc prefix_attention (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, gs, pe, ss), q, k, v),
+            "flex_attention (packed, block mask)": lambda: step(lambda a, b, c: flex(a, b, c, block_mask=block_mask), q, k, v),
+            "sdpa flash (ungrouped batch)": lambda: step(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True), qu, ku, vu),
+        }
+        for name, fn in cases.items():
+            rows.append({"case": name, "P": prefix_len, "G": group, "S": suffix_len, "ms_fwd_bwd": timed(fn, warmup=3, reps=10)})
+            print(f"  attention P={prefix_len} G={group} S={suffix_len}  {name:38s} {rows[-1]['ms_fwd_bwd']:.3f} ms", flush=True)
+    return rows
+
+
+# ---- 2. the model ------------------------------------------------------------------------------
+def decoder(layers=24, width=1024, heads=16, vocab=32000):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=layers, hidden_size=width, intermediate_size=2816, num_attention_heads=heads,
+                         num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=8192, use_cache=False)
+    return LlamaForCausalLM(config).to(DEVICE, DTYPE).eval()
+
+
+def step_flops(model, prefix_len, group, suffix_len, grouped: bool) -> float:
+    """Forward + backward FLOPs (3 × forward) of the linears and attention; the LM head is the same in both."""
+    config = model.config
+    d, layers = config.hidden_size, config.num_hidden_layers
+    per_token = 2 * sum(p.numel() for name, p in model.named_parameters() if ".layers." in name and p.dim() == 2)
+    if grouped:
+        tokens = prefix_len + group * suffix_len
+        pairs = prefix_len * (prefix_len + 1) / 2 + group * (suffix_len * prefix_len + suffix_len * (suffix_len + 1) / 2)
+    else:
+        tokens = group * (prefix_len + suffix_len)
+        pairs = group * (prefix_len + suffix_len) * (prefix_len + suffix_len + 1) / 2
+    attention = layers * 2 * 2 * d * pairs
+    head = 2 * d * config.vocab_size * group * suffix_len
+    return 3 * (tokens * per_token + attention + head)
+
+
+def ungrouped_step(compiled, prefix, suffixes, weights):
+    prefix_len, suffix_len = prefix.numel(), suffixes.shape[1]
+    batch = torch.cat([prefix.expand(suffixes.shape[0], -1), suffixes], dim=1)
+    logits = compiled(batch, logits_to_keep=suffix_len + 1).logits[:, :-1]  # the rows that predict suffix tokens
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, suffixes[..., None]).squeeze(-1)
+    (logprobs * weights).sum().backward()
+    del prefix_len
+
+
+def grouped_step(grouped, prefix, suffixes, weights):
+    (grouped.token_logprobs(prefix, suffixes) * weights).sum().backward()
+
+
+def model_rows(shapes) -> list[dict]:
+    import effcc
+
+    model = decoder()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"  model: {params / 1e6:.0f}M parameters", flush=True)
+    compiled = torch.compile(model, dynamic=True)
+    grouped = effcc.shared_prefix(model).compile()
+    rows = []
+    for prefix_len, group, suffix_len in shapes:
+        prefix = torch.randint(0, 32000, (prefix_len,), device=DEVICE)
+        suffixes = torch.randint(0, 32000, (group, suffix_len), device=DEVICE)
+        weights = torch.randn(group, suffix_len, device=DEVICE)
+        row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6}
+        row["ideal_flop_ratio"] = step_flops(model, prefix_len, group, suffix_len, False) / step_flops(model, prefix_len, group, suffix_len, True)
+        for name, fn in (("grouped", lambda: grouped_step(grouped, prefix, suffixes, weights)),
+                         ("ungrouped", lambda: ungrouped_step(compiled, prefix, suffixes, weights))):
+            model.zero_grad(set_to_none=True)
+            try:
+                row[f"{name}_ms"] = timed(fn)
+                model.zero_grad(set_to_none=True)
+                row[f"{name}_peak_GiB"] = peak_memory(fn)
+            except torch.OutOfMemoryError:
+                row[f"{name}_ms"], row[f"{name}_peak_GiB"] = None, "OOM"
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        if row["grouped_ms"] and row["ungrouped_ms"]:
+            row["speedup"] = row["ungrouped_ms"] / row["grouped_ms"]
+            row["of_ideal"] = row["speedup"] / row["ideal_flop_ratio"]
+        print("  " + json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def check_equal_losses(shapes) -> dict:
+    """The two steps compute the same thing: compare log-probs and one gradient at bf16 tolerance."""
+    import effcc
+
+    model = decoder(layers=2)
+    grouped = effcc.shared_prefix(model)
+    prefix_len, group, suffix_len = shapes[0]
+    prefix = torch.randint(0, 32000, (prefix_len,), device=DEVICE)
+    suffixes = torch.randint(0, 32000, (group, suffix_len), device=DEVICE)
+    batch = torch.cat([prefix.expand(group, -1), suffixes], dim=1)
+    with torch.no_grad():
+        reference = torch.log_softmax(model(batch).logits[:, prefix_len - 1 : -1].float(), -1).gather(-1, suffixes[..., None]).squeeze(-1)
+        ours = grouped.token_logprobs(prefix, suffixes)
+    return {"max_abs_logprob_diff_bf16": float((reference - ours).abs().max()), "mean_abs_logprob": float(reference.abs().mean())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two shapes only")
+    parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/prefix_grouper.json")
+    args = parser.parse_args()
+    shapes = [(p, g, s) for p in (1024, 4096) for g in (4, 8, 16) for s in (256, 512)]
+    if args.quick:
+        shapes = [(1024, 4, 256), (4096, 16, 512)]
+    started = time.time()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": str(DTYPE)}
+    print(f"device: {result['device']}", flush=True)
+    result["agreement"] = check_equal_losses(shapes)
+    print(f"  agreement: {result['agreement']}", flush=True)
+    if not args.skip_attention:
+        result["attention"] = attention_rows([(1024, 8, 256), (4096, 8, 512), (4096, 16, 256)])
+    result["model"] = model_rows(shapes)
+    result["seconds"] = time.time() - started
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
