@@ -75,7 +75,8 @@ def attention_rows(shapes) -> list[dict]:
             out.backward(torch.ones_like(out))
 
         cases = {
-            "effcc prefix_attention (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, gs, pe, ss), q, k, v),
+            "effcc prefix_attention, flash split (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, *layout.op_inputs()), q, k, v),
+            "effcc prefix_attention, Triton (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, gs, pe, ss), q, k, v),
             "flex_attention (packed, block mask)": lambda: step(lambda a, b, c: flex(a, b, c, block_mask=block_mask), q, k, v),
             "sdpa flash (ungrouped batch)": lambda: step(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True), qu, ku, vu),
         }
@@ -114,17 +115,17 @@ def step_flops(model, prefix_len, group, suffix_len, grouped: bool) -> float:
 def ungrouped_step(compiled, prefix, suffixes, weights):
     prefix_len, suffix_len = prefix.numel(), suffixes.shape[1]
     batch = torch.cat([prefix.expand(suffixes.shape[0], -1), suffixes], dim=1)
-    logits = compiled(batch, logits_to_keep=suffix_len + 1).logits[:, :-1]  # the rows that predict suffix tokens
+    rows = torch.arange(prefix_len - 1, prefix_len + suffix_len - 1, device=batch.device)  # the rows that predict suffix tokens
+    logits = compiled(batch, logits_to_keep=rows).logits  # a tensor of rows: no recompile per length
     logprobs = torch.log_softmax(logits.float(), -1).gather(-1, suffixes[..., None]).squeeze(-1)
     (logprobs * weights).sum().backward()
-    del prefix_len
 
 
 def grouped_step(grouped, prefix, suffixes, weights):
     (grouped.token_logprobs(prefix, suffixes) * weights).sum().backward()
 
 
-def model_rows(shapes) -> list[dict]:
+def model_rows(shapes, on_row=lambda row: None) -> list[dict]:
     import effcc
 
     model = decoder()
@@ -155,6 +156,7 @@ def model_rows(shapes) -> list[dict]:
             row["of_ideal"] = row["speedup"] / row["ideal_flop_ratio"]
         print("  " + json.dumps(row), flush=True)
         rows.append(row)
+        on_row(row)
     return rows
 
 
@@ -185,16 +187,23 @@ def main():
         shapes = [(1024, 4, 256), (4096, 16, 512)]
     started = time.time()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": str(DTYPE)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every section, so a run cut short still leaves its figures
+        result["seconds"] = time.time() - started
+        out.write_text(json.dumps(result, indent=1))
+
     print(f"device: {result['device']}", flush=True)
     result["agreement"] = check_equal_losses(shapes)
     print(f"  agreement: {result['agreement']}", flush=True)
+    save()
     if not args.skip_attention:
         result["attention"] = attention_rows([(1024, 8, 256), (4096, 8, 512), (4096, 16, 256)])
-    result["model"] = model_rows(shapes)
-    result["seconds"] = time.time() - started
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+        save()
+    result["model"] = []
+    model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,7 @@ class SharedPrefixModel(nn.Module):
     def _logits(self, batch: PackedBatch) -> Tensor:
         if self._mask_check is not None:
             self._mask_check.ensure(batch.longest_sequence, batch.input_ids.device)
-        layout = batch.layout
-        out = self._run(batch.input_ids, batch.position_ids, layout.group_start, layout.prefix_end, layout.segment_start, batch.keep)
+        out = self._run(batch.input_ids, batch.position_ids, *batch.layout.op_inputs(), batch.keep)
         return out[0]
 
 

@@ -22,21 +22,26 @@ group for a prefix key, the rest of its own suffix for a suffix key.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from . import prefix_attention_flash as _flash
+
 
 @dataclass(frozen=True)
 class PackedLayout:
-    """Where each token of a packed batch of groups sits; int32 vectors of length N (see module doc)."""
+    """Where each token of a packed batch of groups sits; int32 vectors of length N (see module doc),
+    and the same layout as cumulative lengths for the FlashAttention split (`FlashPlan`)."""
 
     group_start: Tensor
     prefix_end: Tensor
     segment_start: Tensor
     visible_until: Tensor
+    flash_plan: tuple[Tensor, ...]
 
     @classmethod
     def build(cls, groups: list[tuple[int, list[int]]], device=None) -> "PackedLayout":
@@ -58,13 +63,51 @@ class PackedLayout:
                 visible_until += [at + length] * length
                 at += length
         as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
-        return cls(as_int32(group_start), as_int32(prefix_end), as_int32(segment_start), as_int32(visible_until))
+        vectors = (as_int32(v) for v in (group_start, prefix_end, segment_start, visible_until))
+        return cls(*vectors, flash_plan(groups, device))
 
-    def to(self, device) -> "PackedLayout":
-        return PackedLayout(*(t.to(device) for t in self.tensors()))
+    def op_inputs(self) -> tuple[Tensor, ...]:
+        """What effcc::prefix_attention_fwd takes after q, k, v."""
+        return self.group_start, self.prefix_end, self.segment_start, *self.flash_plan
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.group_start, self.prefix_end, self.segment_start, self.visible_until
+
+
+FLASH_PLAN_FIELDS = ("segment_bounds", "prefix_rows", "suffix_rows", "prefix_bounds", "group_suffix_bounds", "longest")
+
+
+def flash_plan(groups: list[tuple[int, list[int]]], device=None) -> tuple[Tensor, ...]:
+    """The packed layout for FlashAttention's variable-length kernels (CUDA, fp16/bf16).
+
+    Attention over the layout is two causal/full attentions merged by their log-sum-exp:
+    every segment (a prefix or a suffix) causally over itself, and every suffix token over
+    its group's prefix without a mask.  Fields (FLASH_PLAN_FIELDS):
+      segment_bounds       int32 cumulative segment lengths, all segments in packed order
+      prefix_rows          int64 packed indices of the prefix tokens, group after group
+      suffix_rows          int64 packed indices of the suffix tokens, group after group
+      prefix_bounds        int32 cumulative prefix lengths per group (into prefix_rows)
+      group_suffix_bounds  int32 cumulative suffix-token counts per group (into suffix_rows)
+      longest              int64 on the CPU: the longest segment, group's suffix tokens, prefix
+                           (kernel launch sizes, read without waiting for the GPU)"""
+    segments, prefix_rows, suffix_rows, prefix_counts, suffix_counts = [], [], [], [], []
+    at = 0
+    for prefix_len, suffix_lens in groups:
+        segments.append(prefix_len)
+        prefix_rows += range(at, at + prefix_len)
+        at += prefix_len
+        suffix_rows += range(at, at + sum(suffix_lens))
+        at += sum(suffix_lens)
+        segments += [length for length in suffix_lens if length]
+        prefix_counts.append(prefix_len)
+        suffix_counts.append(sum(suffix_lens))
+
+    def bounds(lengths):
+        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+    longest = torch.tensor([max(segments), max(suffix_counts), max(prefix_counts)], dtype=torch.int64)
+    rows = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+    return bounds(segments), rows(prefix_rows), rows(suffix_rows), bounds(prefix_counts), bounds(suffix_counts), longest
 
 
 def visible_keys(group_start: Tensor, prefix_end: Tensor, segment_start: Tensor) -> Tensor:
@@ -137,8 +180,15 @@ def _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, se
 
 
 @torch.library.custom_op("effcc::prefix_attention_fwd", mutates_args=())
-def prefix_attention_fwd(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """q [H, N, D], k and v [Hkv, N, D] → (out [H, N, D], lse [H, N]: float32, float64 for float64 inputs)."""
+def prefix_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, plan: list[Tensor], scale: float,
+) -> tuple[Tensor, Tensor]:
+    """q [H, N, D], k and v [Hkv, N, D] → (out [H, N, D], lse [H, N]: float32, float64 for float64 inputs).
+
+    CUDA fp16/bf16 with a `plan` (flash_plan): FlashAttention's variable-length kernels, split
+    and merged; other CUDA and interpreter runs: effcc's Triton kernel; the rest: the reference."""
+    if _flash.usable(q, k, plan):
+        return _flash.forward(q, k, v, plan, scale)
     if _use_kernel(q):
         out, lse = _kernels().forward(q, k, v, group_start, prefix_end, segment_start, scale)
         return out.contiguous(), lse.contiguous()
@@ -147,15 +197,17 @@ def prefix_attention_fwd(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, p
 
 
 @prefix_attention_fwd.register_fake
-def _(q, k, v, group_start, prefix_end, segment_start, scale):
+def _(q, k, v, group_start, prefix_end, segment_start, plan, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))  # contiguous, as the op returns
 
 
 @torch.library.custom_op("effcc::prefix_attention_bwd", mutates_args=())
 def prefix_attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor, scale: float,
+    group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor, plan: list[Tensor], scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if _flash.usable(q, k, plan):
+        return _flash.backward(grad_out, q, k, v, out, lse, plan, scale)
     if _use_kernel(q):
         grads = _kernels().backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
         return tuple(g.contiguous() for g in grads)
@@ -163,22 +215,22 @@ def prefix_attention_bwd(
 
 
 @prefix_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale):
+def _(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, plan, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, group_start, prefix_end, segment_start, scale = inputs
+    q, k, v, group_start, prefix_end, segment_start, plan, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, group_start, prefix_end, segment_start)
+    ctx.save_for_backward(q, k, v, out, lse, group_start, prefix_end, segment_start, *plan)
     ctx.scale = scale
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, group_start, prefix_end, segment_start = ctx.saved_tensors
+    q, k, v, out, lse, group_start, prefix_end, segment_start, *plan = ctx.saved_tensors
     visible_until = _visible_until(group_start, prefix_end, segment_start)
-    dq, dk, dv = prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, plan, ctx.scale)
+    return dq, dk, dv, None, None, None, [None] * len(plan), None
 
 
 torch.library.register_autograd("effcc::prefix_attention_fwd", _backward, setup_context=_save_for_backward)
@@ -201,10 +253,14 @@ def _visible_until(group_start: Tensor, prefix_end: Tensor, segment_start: Tenso
     return torch.where(in_prefix, group_end, segment_end).to(torch.int32)
 
 
-def prefix_attention(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, scale: float | None = None) -> Tensor:
-    """Attention of a packed layout (module doc); q [1, H, N, D], k and v [1, Hkv, N, D] as SDPA takes them."""
+def prefix_attention(
+    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, *plan: Tensor, scale: float | None = None,
+) -> Tensor:
+    """Attention of a packed layout (module doc); q [1, H, N, D], k and v [1, Hkv, N, D] as SDPA takes them.
+
+    `plan`: PackedLayout.flash_plan, or nothing (then CUDA runs effcc's Triton kernel)."""
     if q.shape[0] != 1:
         raise ValueError(f"prefix_attention runs on one packed sequence (batch 1), got a batch of {q.shape[0]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, _ = prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, scale)
+    out, _ = prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, list(plan), scale)
     return out.unsqueeze(0)

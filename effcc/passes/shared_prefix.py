@@ -23,11 +23,11 @@ import torch
 from torch import fx
 
 from ..errors import EffccError
-from ..ops.prefix_attention import prefix_attention
+from ..ops.prefix_attention import FLASH_PLAN_FIELDS, prefix_attention
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SHAPE_ONLY = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
-LAYOUT_INPUTS = ("group_start", "prefix_end", "segment_start")
+LAYOUT_INPUTS = ("group_start", "prefix_end", "segment_start", *FLASH_PLAN_FIELDS)  # PackedLayout.op_inputs()
 
 
 class SharedPrefixError(EffccError):
@@ -172,8 +172,8 @@ def _ancestors(nodes) -> set[fx.Node]:
 def pack_for_groups(gm: fx.GraphModule, logits_index: int, ids_name: str, positions_name: str | None) -> PackedGraph:
     """Rewrite `gm` (an unlifted torch.export graph of one sequence, batch 1) for packed groups.
 
-    New signature: (input_ids [1, N], position_ids [1, N], group_start, prefix_end,
-    segment_start [N] int32, keep [K] int64) → logits [1, K, vocab] of the kept tokens."""
+    New signature: (input_ids [1, N], position_ids [1, N], *PackedLayout.op_inputs(),
+    keep [K] int64) → logits [1, K, vocab] of the kept tokens."""
     graph = gm.graph
     sites = attention_sites(gm, ids_name)
     masks = {site.node: site.mask for site in sites if site.mask is not None}
