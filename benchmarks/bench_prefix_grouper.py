@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -76,11 +77,12 @@ def attention_rows(shapes) -> list[dict]:
 
         cases = {
             "effcc prefix_attention, flash split (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, *layout.op_inputs()), q, k, v),
-            "effcc prefix_attention, Triton (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, gs, pe, ss), q, k, v),
+            "effcc prefix_attention, Triton (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, *layout.op_inputs()), q, k, v),
             "flex_attention (packed, block mask)": lambda: step(lambda a, b, c: flex(a, b, c, block_mask=block_mask), q, k, v),
             "sdpa flash (ungrouped batch)": lambda: step(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True), qu, ku, vu),
         }
         for name, fn in cases.items():
+            os.environ["EFFCC_PREFIX_ATTENTION"] = "flash" if "flash split" in name else "triton"
             rows.append({"case": name, "P": prefix_len, "G": group, "S": suffix_len, "ms_fwd_bwd": timed(fn, warmup=3, reps=10)})
             print(f"  attention P={prefix_len} G={group} S={suffix_len}  {name:38s} {rows[-1]['ms_fwd_bwd']:.3f} ms", flush=True)
     return rows
@@ -125,12 +127,13 @@ def grouped_step(grouped, prefix, suffixes, weights):
     (grouped.token_logprobs(prefix, suffixes) * weights).sum().backward()
 
 
-def model_rows(shapes, on_row=lambda row: None) -> list[dict]:
+def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf")) -> list[dict]:
     import effcc
 
     model = decoder()
     params = sum(p.numel() for p in model.parameters())
     print(f"  model: {params / 1e6:.0f}M parameters", flush=True)
+    started = time.time()
     compiled = torch.compile(model, dynamic=True)
     grouped = effcc.shared_prefix(model).compile()
     rows = []
@@ -140,8 +143,13 @@ def model_rows(shapes, on_row=lambda row: None) -> list[dict]:
         weights = torch.randn(group, suffix_len, device=DEVICE)
         row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6}
         row["ideal_flop_ratio"] = step_flops(model, prefix_len, group, suffix_len, False) / step_flops(model, prefix_len, group, suffix_len, True)
+        if time.time() - started > budget_s:
+            print(f"  skipped P={prefix_len} G={group} S={suffix_len}: time budget", flush=True)
+            continue
         for name, fn in (("grouped", lambda: grouped_step(grouped, prefix, suffixes, weights)),
+                         ("grouped_flash", lambda: grouped_step(grouped, prefix, suffixes, weights)),
                          ("ungrouped", lambda: ungrouped_step(compiled, prefix, suffixes, weights))):
+            os.environ["EFFCC_PREFIX_ATTENTION"] = "flash" if name == "grouped_flash" else "triton"
             model.zero_grad(set_to_none=True)
             try:
                 row[f"{name}_ms"] = timed(fn)
@@ -151,9 +159,11 @@ def model_rows(shapes, on_row=lambda row: None) -> list[dict]:
                 row[f"{name}_ms"], row[f"{name}_peak_GiB"] = None, "OOM"
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-        if row["grouped_ms"] and row["ungrouped_ms"]:
-            row["speedup"] = row["ungrouped_ms"] / row["grouped_ms"]
-            row["of_ideal"] = row["speedup"] / row["ideal_flop_ratio"]
+        os.environ.pop("EFFCC_PREFIX_ATTENTION", None)
+        for variant in ("grouped", "grouped_flash"):
+            if row[f"{variant}_ms"] and row["ungrouped_ms"]:
+                row[f"{variant}_speedup"] = row["ungrouped_ms"] / row[f"{variant}_ms"]
+                row[f"{variant}_of_ideal"] = row[f"{variant}_speedup"] / row["ideal_flop_ratio"]
         print("  " + json.dumps(row), flush=True)
         rows.append(row)
         on_row(row)
@@ -181,8 +191,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/prefix_grouper.json")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no new model shape after this many seconds")
     args = parser.parse_args()
-    shapes = [(p, g, s) for p in (1024, 4096) for g in (4, 8, 16) for s in (256, 512)]
+    # ordered so that a run cut short by --budget-s still spans the table
+    shapes = [(1024, 4, 256), (4096, 16, 512), (4096, 8, 256), (1024, 16, 512), (1024, 8, 256), (4096, 4, 512),
+              (1024, 4, 512), (4096, 16, 256), (1024, 16, 256), (4096, 8, 512), (1024, 8, 512), (4096, 4, 256)]
     if args.quick:
         shapes = [(1024, 4, 256), (4096, 16, 512)]
     started = time.time()
@@ -202,7 +215,7 @@ def main():
         result["attention"] = attention_rows([(1024, 8, 256), (4096, 8, 512), (4096, 16, 256)])
         save()
     result["model"] = []
-    model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()))
+    model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()), budget_s=args.budget_s)
     print(f"wrote {out}")
 
 

@@ -21,7 +21,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from .capture import export
-from .ops.prefix_attention import PackedLayout
+from .ops.prefix_attention import PackedLayout, move_together
 from .passes.shared_prefix import PackedGraph, SharedPrefixError, pack_for_groups
 
 SAMPLE_LENGTH = 16  # tokens in the capture's example input; any length ≥ 2 runs afterwards
@@ -50,7 +50,7 @@ class SharedPrefixModel(nn.Module):
         self._run = self.graph_module
         object.__setattr__(self, "model", model)  # the caller's model, not a submodule: no second copy in state_dict
 
-    def compile(self, **options) -> "SharedPrefixModel":
+    def compile(self, **options) -> SharedPrefixModel:
         """torch.compile the packed graph (dynamic sizes: group shapes change every batch)."""
         self._run = torch.compile(self.graph_module, dynamic=True, **options)
         return self
@@ -121,7 +121,7 @@ def pack(groups, rows: str) -> PackedBatch:
     ids, positions, keep, layout_groups = [], [], [], []
     at, longest = 0, 0
     for prefix, suffix, mask in groups:
-        lengths = mask.sum(1).tolist()
+        lengths = mask.sum(1).tolist()  # the one wait for the GPU, if the mask lives there
         layout_groups.append((prefix.numel(), lengths))
         ids.append(prefix)
         positions.append(torch.arange(prefix.numel()))
@@ -138,11 +138,13 @@ def pack(groups, rows: str) -> PackedBatch:
             at += length
             longest = max(longest, prefix.numel() + length)
     device = groups[0][0].device
+    keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
+    positions, keep = move_together([torch.cat(positions)[None], keep], device)
     return PackedBatch(
-        input_ids=torch.cat(ids)[None].to(device),
-        position_ids=torch.cat(positions)[None].to(device),
+        input_ids=torch.cat([t.to(device) for t in ids])[None],
+        position_ids=positions,
         layout=PackedLayout.build(layout_groups, device=device),
-        keep=torch.cat(keep).to(device) if keep else torch.zeros(0, dtype=torch.long, device=device),
+        keep=keep,
         longest_sequence=max(longest, 2),
     )
 
@@ -181,7 +183,7 @@ def shared_prefix(model: nn.Module, *, compile: bool = False) -> SharedPrefixMod
     with _sdpa_attention(model):
         try:
             exported = export(model, (), kwargs, dynamic)
-        except Exception as error:  # noqa: BLE001 - reported in the user's terms
+        except Exception as error:
             raise SharedPrefixError(f"could not capture {type(model).__name__} for grouped runs: {type(error).__name__}: {str(error).splitlines()[0][:300]}") from error
     gm = exported.module()
     logits_index = _logits_leaf(gm, kwargs)

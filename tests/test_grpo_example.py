@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import grpo_shared_prefix  # noqa: E402
+import grpo_shared_prefix
 
 
 def test_grouped_and_ungrouped_grpo_steps_agree_in_float64():

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VOCAB, build
 from torch import nn
 from torch.nn import functional as F
 
 import effcc
 from effcc.passes.shared_prefix import SharedPrefixError
-
-from conftest import VOCAB, build
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}  # relative: max|Δ| / max|reference|
 ARCHITECTURES = ["gpt2", "llama", "qwen2", "gpt_neox"]
@@ -263,7 +262,8 @@ def test_compiled_grouped_model_runs_new_group_shapes_without_recompiling():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlashAttention's varlen kernels)")
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
-def test_flash_split_matches_the_reference_forward_and_backward(heads, kv_heads):
+def test_flash_split_matches_the_reference_forward_and_backward(heads, kv_heads, monkeypatch):
+    monkeypatch.setenv("EFFCC_PREFIX_ATTENTION", "flash")
     from effcc.ops.prefix_attention import PackedLayout, prefix_attention, prefix_attention_reference
 
     layout = PackedLayout.build([(300, [64, 17, 0, 128]), (45, [200, 3])], device="cuda")

@@ -44,7 +44,7 @@ class PackedLayout:
     flash_plan: tuple[Tensor, ...]
 
     @classmethod
-    def build(cls, groups: list[tuple[int, list[int]]], device=None) -> "PackedLayout":
+    def build(cls, groups: list[tuple[int, list[int]]], device=None) -> PackedLayout:
         """`groups`: (prefix length, [suffix lengths]) per group, in packing order."""
         group_start, prefix_end, segment_start, visible_until = [], [], [], []
         at = 0
@@ -62,22 +62,37 @@ class PackedLayout:
                 segment_start += [at] * length
                 visible_until += [at + length] * length
                 at += length
-        as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
-        vectors = (as_int32(v) for v in (group_start, prefix_end, segment_start, visible_until))
-        return cls(*vectors, flash_plan(groups, device))
+        vectors = [torch.tensor(v, dtype=torch.int32) for v in (group_start, prefix_end, segment_start, visible_until)]
+        plan = flash_plan(groups)
+        on_device = move_together([*vectors, *plan[:-1]], device)  # plan[-1] (launch sizes) stays on the CPU
+        return cls(*on_device[:4], (*on_device[4:], plan[-1]))
 
     def op_inputs(self) -> tuple[Tensor, ...]:
         """What effcc::prefix_attention_fwd takes after q, k, v."""
-        return self.group_start, self.prefix_end, self.segment_start, *self.flash_plan
+        return self.group_start, self.prefix_end, self.segment_start, self.visible_until, *self.flash_plan
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.group_start, self.prefix_end, self.segment_start, self.visible_until
 
 
+def move_together(tensors: list[Tensor], device) -> list[Tensor]:
+    """Copy small CPU integer tensors to `device` in one transfer from pinned memory, which does
+    not wait for the GPU (a copy from pageable memory would stop the CPU until the queue drains)."""
+    if device is None or torch.device(device).type == "cpu":
+        return tensors
+    flat = torch.cat([t.to(torch.int64).flatten() for t in tensors])
+    flat = flat.pin_memory().to(device, non_blocking=True)
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at : at + t.numel()].view(t.shape).to(t.dtype))
+        at += t.numel()
+    return out
+
+
 FLASH_PLAN_FIELDS = ("segment_bounds", "prefix_rows", "suffix_rows", "prefix_bounds", "group_suffix_bounds", "longest")
 
 
-def flash_plan(groups: list[tuple[int, list[int]]], device=None) -> tuple[Tensor, ...]:
+def flash_plan(groups: list[tuple[int, list[int]]]) -> tuple[Tensor, ...]:
     """The packed layout for FlashAttention's variable-length kernels (CUDA, fp16/bf16).
 
     Attention over the layout is two causal/full attentions merged by their log-sum-exp:
@@ -103,10 +118,10 @@ def flash_plan(groups: list[tuple[int, list[int]]], device=None) -> tuple[Tensor
         suffix_counts.append(sum(suffix_lens))
 
     def bounds(lengths):
-        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
 
     longest = torch.tensor([max(segments), max(suffix_counts), max(prefix_counts)], dtype=torch.int64)
-    rows = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+    rows = lambda values: torch.tensor(values, dtype=torch.int64)
     return bounds(segments), rows(prefix_rows), rows(suffix_rows), bounds(prefix_counts), bounds(suffix_counts), longest
 
 
@@ -175,20 +190,23 @@ def _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, se
     dscores = probs * (grad_out @ v_wide.transpose(-1, -2) - delta)
     dq = (dscores @ k_wide) * scale
     dk = (dscores.transpose(-1, -2) @ q) * scale
-    fold = lambda t: t.view(kv_heads, repeat, *t.shape[1:]).sum(1)  # noqa: E731 - heads sharing a kv head add up
+    fold = lambda t: t.view(kv_heads, repeat, *t.shape[1:]).sum(1)
     return dq.contiguous(), fold(dk).contiguous(), fold(dv).contiguous()
 
 
 @torch.library.custom_op("effcc::prefix_attention_fwd", mutates_args=())
 def prefix_attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, plan: list[Tensor], scale: float,
+    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, extras: list[Tensor], scale: float,
 ) -> tuple[Tensor, Tensor]:
     """q [H, N, D], k and v [Hkv, N, D] → (out [H, N, D], lse [H, N]: float32, float64 for float64 inputs).
 
-    CUDA fp16/bf16 with a `plan` (flash_plan): FlashAttention's variable-length kernels, split
-    and merged; other CUDA and interpreter runs: effcc's Triton kernel; the rest: the reference."""
-    if _flash.usable(q, k, plan):
-        return _flash.forward(q, k, v, plan, scale)
+    `extras`: [] or [visible_until] or [visible_until, *flash_plan] (PackedLayout.op_inputs()[3:]);
+    visible_until saves the backward from deriving it, layer after layer.
+    CUDA: effcc's Triton kernels, or with EFFCC_PREFIX_ATTENTION=flash (fp16/bf16, a flash plan)
+    FlashAttention's variable-length kernels split and merged; the interpreter runs the Triton
+    kernels too; the rest: the reference."""
+    if _flash.usable(q, k, extras[1:]):
+        return _flash.forward(q, k, v, extras[1:], scale)
     if _use_kernel(q):
         out, lse = _kernels().forward(q, k, v, group_start, prefix_end, segment_start, scale)
         return out.contiguous(), lse.contiguous()
@@ -197,7 +215,7 @@ def prefix_attention_fwd(
 
 
 @prefix_attention_fwd.register_fake
-def _(q, k, v, group_start, prefix_end, segment_start, plan, scale):
+def _(q, k, v, group_start, prefix_end, segment_start, extras, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))  # contiguous, as the op returns
 
 
@@ -220,17 +238,17 @@ def _(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visib
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, group_start, prefix_end, segment_start, plan, scale = inputs
+    q, k, v, group_start, prefix_end, segment_start, extras, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, group_start, prefix_end, segment_start, *plan)
+    ctx.save_for_backward(q, k, v, out, lse, group_start, prefix_end, segment_start, *extras)
     ctx.scale = scale
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, group_start, prefix_end, segment_start, *plan = ctx.saved_tensors
-    visible_until = _visible_until(group_start, prefix_end, segment_start)
-    dq, dk, dv = prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, plan, ctx.scale)
-    return dq, dk, dv, None, None, None, [None] * len(plan), None
+    q, k, v, out, lse, group_start, prefix_end, segment_start, *extras = ctx.saved_tensors
+    visible_until = extras[0] if extras else _visible_until(group_start, prefix_end, segment_start)
+    dq, dk, dv = prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, extras[1:], ctx.scale)
+    return dq, dk, dv, None, None, None, [None] * len(extras), None
 
 
 torch.library.register_autograd("effcc::prefix_attention_fwd", _backward, setup_context=_save_for_backward)
@@ -254,13 +272,13 @@ def _visible_until(group_start: Tensor, prefix_end: Tensor, segment_start: Tenso
 
 
 def prefix_attention(
-    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, *plan: Tensor, scale: float | None = None,
+    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, *extras: Tensor, scale: float | None = None,
 ) -> Tensor:
     """Attention of a packed layout (module doc); q [1, H, N, D], k and v [1, Hkv, N, D] as SDPA takes them.
 
-    `plan`: PackedLayout.flash_plan, or nothing (then CUDA runs effcc's Triton kernel)."""
+    `extras`: the rest of PackedLayout.op_inputs() (visible_until, the flash plan), or nothing."""
     if q.shape[0] != 1:
         raise ValueError(f"prefix_attention runs on one packed sequence (batch 1), got a batch of {q.shape[0]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, _ = prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, list(plan), scale)
+    out, _ = prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, list(extras), scale)
     return out.unsqueeze(0)

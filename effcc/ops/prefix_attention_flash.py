@@ -18,6 +18,8 @@ gradients add up to the exact gradient (as in ring attention).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -26,8 +28,9 @@ _UNUSED_RNG = {}  # dropout is 0: the backward kernels never read the RNG state,
 
 
 def usable(q: Tensor, k: Tensor, plan) -> bool:
+    """Asked for (EFFCC_PREFIX_ATTENTION=flash; effcc's Triton kernel is the default, measured faster), CUDA fp16/bf16, a plan."""
     return (
-        bool(plan) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        len(plan) == 6 and os.environ.get("EFFCC_PREFIX_ATTENTION", "triton") == "flash" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and q.shape[0] % k.shape[0] == 0
     )
 

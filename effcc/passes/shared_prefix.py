@@ -27,7 +27,7 @@ from ..ops.prefix_attention import FLASH_PLAN_FIELDS, prefix_attention
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SHAPE_ONLY = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
-LAYOUT_INPUTS = ("group_start", "prefix_end", "segment_start", *FLASH_PLAN_FIELDS)  # PackedLayout.op_inputs()
+LAYOUT_INPUTS = ("group_start", "prefix_end", "segment_start", "visible_until", *FLASH_PLAN_FIELDS)  # PackedLayout.op_inputs()
 
 
 class SharedPrefixError(EffccError):
@@ -46,7 +46,7 @@ class PackedGraph:
 
     gm: fx.GraphModule
     sites: list[str]
-    mask_check: "CausalMaskCheck | None"
+    mask_check: CausalMaskCheck | None
     notes: list[str] = field(default_factory=list)
 
 
