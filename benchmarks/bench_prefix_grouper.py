@@ -127,21 +127,21 @@ def grouped_step(grouped, prefix, suffixes, weights):
     (grouped.token_logprobs(prefix, suffixes) * weights).sum().backward()
 
 
-def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf")) -> list[dict]:
+def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=False) -> list[dict]:
     import effcc
 
     model = decoder()
     params = sum(p.numel() for p in model.parameters())
     print(f"  model: {params / 1e6:.0f}M parameters", flush=True)
     started = time.time()
-    compiled = torch.compile(model, dynamic=True)
-    grouped = effcc.shared_prefix(model).compile()
+    compiled = model if eager else torch.compile(model, dynamic=True)
+    grouped = effcc.shared_prefix(model) if eager else effcc.shared_prefix(model).compile()
     rows = []
     for prefix_len, group, suffix_len in shapes:
         prefix = torch.randint(0, 32000, (prefix_len,), device=DEVICE)
         suffixes = torch.randint(0, 32000, (group, suffix_len), device=DEVICE)
         weights = torch.randn(group, suffix_len, device=DEVICE)
-        row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6}
+        row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6, "mode": "eager" if eager else "torch.compile"}
         row["ideal_flop_ratio"] = step_flops(model, prefix_len, group, suffix_len, False) / step_flops(model, prefix_len, group, suffix_len, True)
         if time.time() - started > budget_s:
             print(f"  skipped P={prefix_len} G={group} S={suffix_len}: time budget", flush=True)
@@ -191,11 +191,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/prefix_grouper.json")
+    parser.add_argument("--eager", action="store_true", help="model rows without torch.compile (both sides)")
+    parser.add_argument("--shapes", help="model shapes as PxGxS,PxGxS (default: the 12 of the issue)")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no new model shape after this many seconds")
     args = parser.parse_args()
     # ordered so that a run cut short by --budget-s still spans the table
     shapes = [(1024, 4, 256), (4096, 16, 512), (4096, 8, 256), (1024, 16, 512), (1024, 8, 256), (4096, 4, 512),
               (1024, 4, 512), (4096, 16, 256), (1024, 16, 256), (4096, 8, 512), (1024, 8, 512), (4096, 4, 256)]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     if args.quick:
         shapes = [(1024, 4, 256), (4096, 16, 512)]
     started = time.time()
@@ -215,7 +219,7 @@ def main():
         result["attention"] = attention_rows([(1024, 8, 256), (4096, 8, 512), (4096, 16, 256)])
         save()
     result["model"] = []
-    model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()), budget_s=args.budget_s)
+    model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()), budget_s=args.budget_s, eager=args.eager)
     print(f"wrote {out}")
 
 

@@ -181,15 +181,32 @@ def shared_prefix(model: nn.Module, *, compile: bool = False) -> SharedPrefixMod
     if "use_cache" in parameters:
         kwargs["use_cache"], dynamic["use_cache"] = False, None
     with _sdpa_attention(model):
-        try:
-            exported = export(model, (), kwargs, dynamic)
-        except Exception as error:
-            raise SharedPrefixError(f"could not capture {type(model).__name__} for grouped runs: {type(error).__name__}: {str(error).splitlines()[0][:300]}") from error
+        exported = _export_any_length(model, kwargs, dynamic)
     gm = exported.module()
     logits_index = _logits_leaf(gm, kwargs)
     _share_callers_tensors(gm, model)
     grouped = SharedPrefixModel(model, pack_for_groups(gm, logits_index, ids_name, positions_name))
     return grouped.compile() if compile else grouped
+
+
+def _export_any_length(model, kwargs, dynamic):
+    """torch.export with the token count symbolic.  A named Dim fails when export cannot prove a
+    guard for every length (seen on CUDA: min(8·T, 16·T) == 8·T); Dim.AUTO then lets it reason
+    freely, and the capture is kept only if the length stayed symbolic."""
+    try:
+        return export(model, (), kwargs, dynamic)
+    except Exception as named_failure:  # retried below, reported if that fails too
+        automatic = {name: ({1: Dim.AUTO} if spec else spec) for name, spec in dynamic.items()}
+        try:
+            exported = export(model, (), kwargs, automatic)
+        except Exception:
+            raise SharedPrefixError(
+                f"could not capture {type(model).__name__} for grouped runs: {type(named_failure).__name__}: {str(named_failure).splitlines()[0][:300]}"
+            ) from named_failure
+    ids = next(n for n in exported.graph.find_nodes(op="placeholder") if n.name.endswith(next(iter(kwargs))))
+    if isinstance(ids.meta["val"].shape[1], int):
+        raise SharedPrefixError(f"{type(model).__name__} specialises on its sequence length; a grouped run needs any length")
+    return exported
 
 
 class _sdpa_attention:
