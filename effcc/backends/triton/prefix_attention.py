@@ -94,26 +94,40 @@ def _key_ranges(GS, PE, SS, m0, N, BLOCK_M: tl.constexpr):
     return gs, pe, ss, prefix_lo, prefix_hi, prefix_full_lo, prefix_full_hi, first_own, own_hi, own_full_lo, causal_hi
 
 
+@triton.jit
+def _key_walk(K_HEAD, V_HEAD, stride_kn, stride_vn, start, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers for walking key/value blocks from row `start`.
+
+    Scalar pointers to the block's first row step through the loop (64-bit: a packed row index
+    times a stride may pass 2³¹); the tile's offsets within a block stay fixed.  Carrying whole
+    tiles of pointers instead costs registers that the accumulators need."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k_row = K_HEAD + start.to(tl.int64) * stride_kn
+    v_row = V_HEAD + start.to(tl.int64) * stride_vn
+    k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
+    return offs_n, d_ok, k_row, v_row, k_tile, v_tile
+
+
+@triton.jit
+def _load_kv(k_row, v_row, k_tile, v_tile, col_ok, d_ok):
+    k = tl.load(k_row + k_tile, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(v_row + v_tile, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    return k, v
+
+
 # ---- forward --------------------------------------------------------------------------------------
 @triton.jit
 def _attend(acc, m_i, l_i, q, K_HEAD, V_HEAD, stride_kn, stride_vn, rows, gs, pe, ss, start, end, qk_scale,
             HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Online softmax over the keys [start, end) (log2 domain: scores are pre-multiplied by log2 e)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    # Scalar pointers to the block's first row step through the loop (64-bit: a packed row index
-    # times a stride may pass 2³¹); the tile's offsets within a block stay fixed.  Carrying whole
-    # tiles of pointers instead costs registers that the accumulators need.
-    k_row = K_HEAD + start.to(tl.int64) * stride_kn
-    v_row = V_HEAD + start.to(tl.int64) * stride_vn
-    k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
+    offs_n, d_ok, k_row, v_row, k_tile, v_tile = _key_walk(K_HEAD, V_HEAD, stride_kn, stride_vn, start, HEAD_DIM, BLOCK_N, BLOCK_D)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < end
-        k = tl.load(k_row + k_tile, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_row + v_tile, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k, v = _load_kv(k_row, v_row, k_tile, v_tile, col_ok, d_ok)
         k_row += BLOCK_N * stride_kn
         v_row += BLOCK_N * stride_vn
         s = _dot(q, tl.trans(k)) * qk_scale
@@ -271,21 +285,11 @@ def _dkdv_kernel(
 def _dq_from_keys(dq, q, do, lse, delta, K_HEAD, V_HEAD, VU, stride_kn, stride_vn, rows, start, end, qk_scale,
                   HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Accumulate dQ of one query block over the keys [start, end)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    # Scalar pointers to the block's first row step through the loop (64-bit: a packed row index
-    # times a stride may pass 2³¹); the tile's offsets within a block stay fixed.  Carrying whole
-    # tiles of pointers instead costs registers that the accumulators need.
-    k_row = K_HEAD + start.to(tl.int64) * stride_kn
-    v_row = V_HEAD + start.to(tl.int64) * stride_vn
-    k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
+    offs_n, d_ok, k_row, v_row, k_tile, v_tile = _key_walk(K_HEAD, V_HEAD, stride_kn, stride_vn, start, HEAD_DIM, BLOCK_N, BLOCK_D)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < end
-        k = tl.load(k_row + k_tile, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_row + v_tile, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k, v = _load_kv(k_row, v_row, k_tile, v_tile, col_ok, d_ok)
         k_row += BLOCK_N * stride_kn
         v_row += BLOCK_N * stride_vn
         p = tl.exp2(_dot(q, tl.trans(k)) * qk_scale - lse[:, None])
