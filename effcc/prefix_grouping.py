@@ -12,6 +12,7 @@ parameters (not copies), so an optimizer built on the model trains through it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ class PackedBatch:
     position_ids: Tensor  # [1, N]
     layout: PackedLayout
     keep: Tensor  # [K] token indices whose logits are computed
+    suffix_tokens: Tensor  # [sum of lengths] the real suffix tokens, groups in order (targets of token_logprobs)
+    suffix_counts: list[int]  # real suffix tokens per group
     longest_sequence: int  # the longest ungrouped sequence P + S_g, for the mask check
 
 
@@ -61,7 +64,7 @@ class SharedPrefixModel(nn.Module):
         groups, several = _as_groups(prefix_ids, suffix_ids, suffix_mask)
         batch = pack(groups, rows="suffix")
         logits = self._logits(batch)
-        pieces = _unpack_rows(logits, [mask for _, _, mask in groups])
+        pieces = _unpack_rows(logits, [mask for _, _, mask in groups], batch.suffix_counts)
         return pieces if several else pieces[0]
 
     def token_logprobs(self, prefix_ids, suffix_ids, suffix_mask=None):
@@ -72,10 +75,9 @@ class SharedPrefixModel(nn.Module):
         groups, several = _as_groups(prefix_ids, suffix_ids, suffix_mask)
         batch = pack(groups, rows="predicting")
         logits = self._logits(batch)
-        targets = torch.cat([ids[mask] for _, ids, mask in groups])
         wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        logprobs = torch.log_softmax(wide, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-        pieces = _unpack_rows(logprobs, [mask for _, _, mask in groups])
+        logprobs = torch.log_softmax(wide, dim=-1).gather(-1, batch.suffix_tokens[:, None]).squeeze(-1)
+        pieces = _unpack_rows(logprobs, [mask for _, _, mask in groups], batch.suffix_counts)
         return pieces if several else pieces[0]
 
     def _logits(self, batch: PackedBatch) -> Tensor:
@@ -91,7 +93,10 @@ def _as_groups(prefix_ids, suffix_ids, suffix_mask):
     several = isinstance(prefix_ids, (list, tuple))
     prefixes = list(prefix_ids) if several else [prefix_ids]
     suffixes = list(suffix_ids) if several else [suffix_ids]
-    masks = list(suffix_mask) if several and suffix_mask is not None else [suffix_mask] * len(prefixes) if suffix_mask is None else [suffix_mask]
+    if suffix_mask is None:
+        masks = [None] * len(prefixes)
+    else:
+        masks = list(suffix_mask) if several else [suffix_mask]
     if not (len(prefixes) == len(suffixes) == len(masks)):
         raise ValueError(f"{len(prefixes)} prefixes, {len(suffixes)} suffix batches and {len(masks)} masks: give one of each per group")
     groups = []
@@ -118,17 +123,19 @@ def _shape(value) -> str:
 def pack(groups, rows: str) -> PackedBatch:
     """Pack groups into one sequence; `rows` says which tokens' logits to keep:
     "suffix" (every suffix token) or "predicting" (the tokens that predict a suffix token)."""
-    ids, positions, keep, layout_groups = [], [], [], []
+    ids, positions, keep, layout_groups, suffix_tokens, suffix_counts = [], [], [], [], [], []
     at, longest = 0, 0
     for prefix, suffix, mask in groups:
         lengths = mask.sum(1).tolist()  # the one wait for the GPU, if the mask lives there
         layout_groups.append((prefix.numel(), lengths))
+        suffix_counts.append(sum(lengths))
         ids.append(prefix)
         positions.append(torch.arange(prefix.numel()))
         last_prefix_token = at + prefix.numel() - 1
         at += prefix.numel()
         for row, length in zip(suffix, lengths):
             ids.append(row[:length])
+            suffix_tokens.append(row[:length])
             positions.append(torch.arange(prefix.numel(), prefix.numel() + length))
             if rows == "suffix":
                 keep.append(torch.arange(at, at + length))
@@ -145,15 +152,16 @@ def pack(groups, rows: str) -> PackedBatch:
         position_ids=positions,
         layout=PackedLayout.build(layout_groups, device=device),
         keep=keep,
+        suffix_tokens=torch.cat([t.to(device) for t in suffix_tokens]),
+        suffix_counts=suffix_counts,
         longest_sequence=max(longest, 2),
     )
 
 
-def _unpack_rows(rows: Tensor, masks: list[Tensor]) -> list[Tensor]:
+def _unpack_rows(rows: Tensor, masks: list[Tensor], counts: list[int]) -> list[Tensor]:
     """Kept rows [K, …] (groups in order, suffix tokens row-major) → one [G, S, …] per group, zeros at padding."""
     pieces, at = [], 0
-    for mask in masks:
-        count = int(mask.sum())
+    for mask, count in zip(masks, counts):
         piece = rows.new_zeros(*mask.shape, *rows.shape[1:])
         piece[mask] = rows[at : at + count]
         pieces.append(piece)
@@ -172,16 +180,15 @@ def shared_prefix(model: nn.Module, *, compile: bool = False) -> SharedPrefixMod
     ids_name = "input_ids" if "input_ids" in parameters else next(iter(parameters))
     positions_name = "position_ids" if "position_ids" in parameters else None
     device = next(model.parameters()).device
-    tokens = Dim("tokens", min=2)
     kwargs = {ids_name: torch.zeros(1, SAMPLE_LENGTH, dtype=torch.long, device=device)}
-    dynamic = {ids_name: {1: tokens}}
+    dynamic = {ids_name: {1: Dim.AUTO}}  # as capture.py: export decides; checked symbolic below
     if positions_name:
         kwargs[positions_name] = torch.arange(SAMPLE_LENGTH, device=device)[None]
-        dynamic[positions_name] = {1: tokens}
+        dynamic[positions_name] = {1: Dim.AUTO}
     if "use_cache" in parameters:
         kwargs["use_cache"], dynamic["use_cache"] = False, None
     with _sdpa_attention(model):
-        exported = _export_any_length(model, kwargs, dynamic)
+        exported = _export_any_length(model, kwargs, dynamic, ids_name)
     gm = exported.module()
     logits_index = _logits_leaf(gm, kwargs)
     _share_callers_tensors(gm, model)
@@ -189,41 +196,34 @@ def shared_prefix(model: nn.Module, *, compile: bool = False) -> SharedPrefixMod
     return grouped.compile() if compile else grouped
 
 
-def _export_any_length(model, kwargs, dynamic):
-    """torch.export with the token count symbolic.  A named Dim fails when export cannot prove a
-    guard for every length (seen on CUDA: min(8·T, 16·T) == 8·T); Dim.AUTO then lets it reason
-    freely, and the capture is kept only if the length stayed symbolic."""
+def _export_any_length(model, kwargs, dynamic, ids_name):
+    """torch.export with the token count left to export (Dim.AUTO: a named Dim fails where export
+    cannot prove a guard for every length, seen on CUDA: min(8·T, 16·T) == 8·T); the capture is
+    kept only if the length stayed symbolic."""
     try:
-        return export(model, (), kwargs, dynamic)
-    except Exception as named_failure:  # retried below, reported if that fails too
-        automatic = {name: ({1: Dim.AUTO} if spec else spec) for name, spec in dynamic.items()}
-        try:
-            exported = export(model, (), kwargs, automatic)
-        except Exception:
-            raise SharedPrefixError(
-                f"could not capture {type(model).__name__} for grouped runs: {type(named_failure).__name__}: {str(named_failure).splitlines()[0][:300]}"
-            ) from named_failure
-    ids = next(n for n in exported.graph.find_nodes(op="placeholder") if n.name.endswith(next(iter(kwargs))))
+        exported = export(model, (), kwargs, dynamic)
+    except Exception as error:
+        raise SharedPrefixError(
+            f"could not capture {type(model).__name__} for grouped runs: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        ) from error
+    ids = next(n for n in exported.graph.find_nodes(op="placeholder") if n.name == ids_name)
     if isinstance(ids.meta["val"].shape[1], int):
         raise SharedPrefixError(f"{type(model).__name__} specialises on its sequence length; a grouped run needs any length")
     return exported
 
 
-class _sdpa_attention:
+@contextlib.contextmanager
+def _sdpa_attention(model: nn.Module):
     """Hugging Face models choose their attention code by name: capture them with SDPA, then restore the choice."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        config = getattr(model, "config", None)
-        self.previous = getattr(config, "_attn_implementation", None)
-
-    def __enter__(self):
-        if self.previous not in (None, "sdpa") and hasattr(self.model, "set_attn_implementation"):
-            self.model.set_attn_implementation("sdpa")
-
-    def __exit__(self, *exc):
-        if self.previous not in (None, "sdpa") and hasattr(self.model, "set_attn_implementation"):
-            self.model.set_attn_implementation(self.previous)
+    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switch = previous not in (None, "sdpa") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(previous)
 
 
 def _logits_leaf(gm, kwargs) -> int:

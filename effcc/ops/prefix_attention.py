@@ -196,17 +196,18 @@ def _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, se
 
 @torch.library.custom_op("effcc::prefix_attention_fwd", mutates_args=())
 def prefix_attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, extras: list[Tensor], scale: float,
+    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor,
+    plan: list[Tensor], scale: float,
 ) -> tuple[Tensor, Tensor]:
     """q [H, N, D], k and v [Hkv, N, D] → (out [H, N, D], lse [H, N]: float32, float64 for float64 inputs).
 
-    `extras`: [] or [visible_until] or [visible_until, *flash_plan] (PackedLayout.op_inputs()[3:]);
-    visible_until saves the backward from deriving it, layer after layer.
+    The layout is PackedLayout.op_inputs(): visible_until is only read by the backward, `plan`
+    (the flash plan, or empty) only by the FlashAttention split.
     CUDA: effcc's Triton kernels, or with EFFCC_PREFIX_ATTENTION=flash (fp16/bf16, a flash plan)
     FlashAttention's variable-length kernels split and merged; the interpreter runs the Triton
     kernels too; the rest: the reference."""
-    if _flash.usable(q, k, extras[1:]):
-        return _flash.forward(q, k, v, extras[1:], scale)
+    if _flash.usable(q, k, plan):
+        return _flash.forward(q, k, v, plan, scale)
     if _use_kernel(q):
         out, lse = _kernels().forward(q, k, v, group_start, prefix_end, segment_start, scale)
         return out.contiguous(), lse.contiguous()
@@ -215,7 +216,7 @@ def prefix_attention_fwd(
 
 
 @prefix_attention_fwd.register_fake
-def _(q, k, v, group_start, prefix_end, segment_start, extras, scale):
+def _(q, k, v, group_start, prefix_end, segment_start, visible_until, plan, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))  # contiguous, as the op returns
 
 
@@ -238,47 +239,29 @@ def _(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visib
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, group_start, prefix_end, segment_start, extras, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, group_start, prefix_end, segment_start, *extras)
+    q, k, v, *layout, plan, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, *layout, *plan)
     ctx.scale = scale
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, group_start, prefix_end, segment_start, *extras = ctx.saved_tensors
-    visible_until = extras[0] if extras else _visible_until(group_start, prefix_end, segment_start)
-    dq, dk, dv = prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, extras[1:], ctx.scale)
-    return dq, dk, dv, None, None, None, [None] * len(extras), None
+    q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, *plan = ctx.saved_tensors
+    dq, dk, dv = prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, plan, ctx.scale)
+    return dq, dk, dv, None, None, None, None, [None] * len(plan), None
 
 
 torch.library.register_autograd("effcc::prefix_attention_fwd", _backward, setup_context=_save_for_backward)
 
 
-def _visible_until(group_start: Tensor, prefix_end: Tensor, segment_start: Tensor) -> Tensor:
-    """One past the last query that sees each key: the group's end for a prefix key, the segment's end otherwise.
-
-    Derived from the three forward vectors so that autograd needs no fourth input: a
-    segment ends where the next segment starts (or the sequence ends)."""
-    n = group_start.shape[0]
-    index = torch.arange(n, device=group_start.device, dtype=torch.int32)
-    starts_segment = torch.cat([segment_start[1:] != segment_start[:-1], segment_start.new_ones(1, dtype=torch.bool)])
-    starts_group = torch.cat([group_start[1:] != group_start[:-1], group_start.new_ones(1, dtype=torch.bool)])
-    # the first index ≥ i where a new segment (group) starts, i.e. the end of i's segment (group)
-    boundary = torch.full((n,), n, dtype=torch.int32, device=group_start.device)
-    segment_end = torch.where(starts_segment, index + 1, boundary).flip(0).cummin(0).values.flip(0)
-    group_end = torch.where(starts_group, index + 1, boundary).flip(0).cummin(0).values.flip(0)
-    in_prefix = index < prefix_end
-    return torch.where(in_prefix, group_end, segment_end).to(torch.int32)
-
-
 def prefix_attention(
-    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, *extras: Tensor, scale: float | None = None,
+    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor,
+    *plan: Tensor, scale: float | None = None,
 ) -> Tensor:
     """Attention of a packed layout (module doc); q [1, H, N, D], k and v [1, Hkv, N, D] as SDPA takes them.
 
-    `extras`: the rest of PackedLayout.op_inputs() (visible_until, the flash plan), or nothing."""
+    The layout tensors are PackedLayout.op_inputs(); without the flash plan CUDA runs effcc's Triton kernel."""
     if q.shape[0] != 1:
         raise ValueError(f"prefix_attention runs on one packed sequence (batch 1), got a batch of {q.shape[0]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, _ = prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, list(extras), scale)
+    out, _ = prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, visible_until, list(plan), scale)
     return out.unsqueeze(0)

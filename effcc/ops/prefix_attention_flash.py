@@ -82,6 +82,8 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     segment_bounds, prefix_rows, suffix_rows, prefix_bounds, group_suffix_bounds, longest = plan
     longest_segment, longest_group_suffix, longest_prefix = longest.tolist()
     qt, kt, vt, ot, gt = (_tokens_first(t) for t in (q, k, v, out, grad_out))
+    # the gathers of the forward are made again rather than saved: they are cheap next to the
+    # attention and would otherwise hold a copy of Q (suffix rows), K and V (prefix rows) per layer
     dq, dk, dv = _flash_grad(gt, qt, kt, vt, ot, lse, segment_bounds, segment_bounds, longest_segment, longest_segment, True, scale)
     if suffix_rows.numel():
         q_suffix = qt.index_select(0, suffix_rows)

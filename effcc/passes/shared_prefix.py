@@ -36,7 +36,7 @@ class SharedPrefixError(EffccError):
 
 @dataclass
 class AttentionSite:
-    node: str  # the SDPA node's name in the captured graph
+    node: fx.Node  # the SDPA node
     mask: fx.Node | None  # the mask node to check, None for is_causal=True
 
 
@@ -73,7 +73,7 @@ def attention_sites(gm: fx.GraphModule, ids_name: str) -> list[AttentionSite]:
             raise SharedPrefixError(f"{where}: both a mask and is_causal=True; only one causal description is supported")
         if mask is not None:
             _refuse_token_dependent_mask(mask, ids_name, where)
-        sites.append(AttentionSite(node.name, mask))
+        sites.append(AttentionSite(node, mask))
     if not sites:
         raise SharedPrefixError(
             "no scaled_dot_product_attention in the captured graph: the model's attention is written out by hand "
@@ -176,7 +176,7 @@ def pack_for_groups(gm: fx.GraphModule, logits_index: int, ids_name: str, positi
     keep [K] int64) → logits [1, K, vocab] of the kept tokens."""
     graph = gm.graph
     sites = attention_sites(gm, ids_name)
-    masks = {site.node: site.mask for site in sites if site.mask is not None}
+    masks = {site.node.name: site.mask for site in sites if site.mask is not None}
     mask_check = CausalMaskCheck(gm, masks, ids_name, positions_name) if masks else None
     inputs = sequence_inputs(gm)
     notes = []
@@ -197,8 +197,9 @@ def pack_for_groups(gm: fx.GraphModule, logits_index: int, ids_name: str, positi
             raise SharedPrefixError(f"the captured graph reads input '{name}'; grouped runs pass only token ids and positions")
         graph.erase_node(placeholder)
 
+    names = [site.node.name for site in sites]  # before the nodes are replaced
     for site in sites:
-        node = next(n for n in graph.find_nodes(op="call_function", target=SDPA) if n.name == site.node)
+        node = site.node
         q, k, v = node.args[:3]
         scale = node.kwargs.get("scale")  # keyword-only in SDPA's schema
         with graph.inserting_before(node):
@@ -215,7 +216,7 @@ def pack_for_groups(gm: fx.GraphModule, logits_index: int, ids_name: str, positi
     graph._codegen = fx.graph.CodeGen()  # plain positional signature, plain tensor output
     graph.lint()
     packed_gm = fx.GraphModule(gm, graph)
-    return PackedGraph(packed_gm, [site.node for site in sites], mask_check, notes)
+    return PackedGraph(packed_gm, names, mask_check, notes)
 
 
 def _positions_from_arange(graph: fx.Graph, ids: fx.Node, notes: list[str]) -> fx.Node:
