@@ -10,7 +10,7 @@ from torch import fx, nn
 from .backends import onnx as onnx_backend
 from .capture import capture
 from .passes import Pass, default_passes, make_pass
-from .pipeline import run_passes
+from .pipeline import run_module_passes, run_passes, split_module_passes
 from .program import Program
 from .report import PassResult, Report
 from .verify import Comparison
@@ -22,7 +22,8 @@ class OptimizeResult:
     """What optimize() returns: the rewritten model, and what was done to get it.
 
     `model` is a torch.fx.GraphModule; call it like the original (same inputs, same output
-    structure).  `report` prints as a table; `passes` holds the same facts as data."""
+    structure).  When only module-rewriting passes ran (sparse_ift), `model` is the new
+    nn.Module to train, and `program` its captured graph, which shares its tensors.  `report` prints as a table; `passes` holds the same facts as data."""
 
     model: fx.GraphModule
     report: Report
@@ -55,10 +56,16 @@ def optimize(
     statistics (smoothquant); read by each such pass on the graph as it is then.
     """
     chosen: list[Pass] = default_passes() if passes is None else [make_pass(p) for p in passes]
-    program = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
+    module_passes, graph_passes = split_module_passes(chosen)
+    rewritten, module_results = run_module_passes(model, module_passes, example_inputs, example_kwargs or {})
+    # A model effcc built itself is captured without copying its tensors, so the program (and
+    # an ONNX export of it) follows the training of `result.model`.
+    program = capture(rewritten, example_inputs, example_kwargs, dynamic=dynamic, detach=rewritten is model)
     program.calibration = [b if isinstance(b, tuple) else (b,) for b in calibration] if calibration is not None else None
-    report = run_passes(model, program, chosen, verify=verify)
-    return OptimizeResult(program.gm, report, program)
+    report = run_passes(rewritten, program, graph_passes, verify=verify)
+    report.model = type(model).__name__
+    report.passes[:0] = module_results
+    return OptimizeResult(program.gm if graph_passes or not module_passes else rewritten, report, program)
 
 
 def verify(original: nn.Module, rewritten, inputs: tuple, kwargs: dict | None = None) -> Comparison:

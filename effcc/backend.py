@@ -39,6 +39,11 @@ def effcc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     if unknown:
         raise EffccError(f"unknown torch.compile option(s) for backend 'effcc': {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_OPTIONS))}")
     passes = default_passes() if options.get("passes") is None else [make_pass(p) for p in options["passes"]]
+    if reshaping := [p.name for p in passes if p.rewrites_modules]:
+        raise EffccError(
+            f"{', '.join(reshaping)} changes the model's layers, which a compiled graph cannot: apply it with "
+            "effcc.optimize(model, example_inputs, passes=[...]), then train or torch.compile res.model"
+        )
     if not passes:
         return compile_fx(gm, example_inputs)
 

@@ -81,12 +81,13 @@ def export(module: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_s
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic: bool = True) -> Program:
+def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic: bool = True, detach: bool = True) -> Program:
     """Capture `model(*args, **kwargs)` as a Program, in eval mode, with copies of its tensors.
 
     With `dynamic=True` sizes that the model does not specialise on (batch, sequence length)
     stay symbolic, so the result runs on other shapes too; if that capture fails the
     shapes of the example inputs are used and the program says so in its notes.
+    detach=False: the program reads the model's own tensors (for a model effcc built itself).
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -120,7 +121,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, *, dynami
             f"{_first_line(dynamic_failure)}); other shapes need a new optimize()"
         )
     gm = ep.module()
-    detach_from_caller(gm)
+    if detach:
+        detach_from_caller(gm)
     return Program(gm, args, kwargs, spec, notes)
 
 

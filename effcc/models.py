@@ -74,3 +74,41 @@ def tiny_gpt(seed: int = 0, batch: int = 2, tokens: int = 16):
                 module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
     ids = torch.randint(0, model.tokens.num_embeddings, (batch, tokens), generator=generator)
     return model, (ids,)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two 3×3 convs with batch norms and a shortcut (a 1×1 conv + BN when the shape changes)."""
+
+    def __init__(self, channels_in: int, channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or channels_in != channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(channels_in, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18's layout (a stem, four stages of two basic blocks, average pool, linear), as torchvision's
+    CIFAR-style variants build it: a 3×3 stem without max pooling, base width `width` (64 in the paper)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        stages, channels_in = [], width
+        for i, channels in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(channels_in, channels, stride), BasicBlock(channels, channels)))
+            channels_in = channels
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(channels_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from .errors import CaptureError, EffccError, VerificationError
-from .passes import Pass, SiteLog
+from .passes import Guarantee, Pass, SiteLog
 from .program import Program
 from .report import PassResult, Report
-from .verify import Comparison, compare, reference_outputs, run_float64
+from .verify import Comparison, compare, count_flops, reference_outputs, run_float64
 
 
 # Captured graph vs eager model, both in float64.  Not 0: a model may keep a step in float32
@@ -33,6 +33,38 @@ def check_pass_list(passes: list[Pass]) -> None:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise EffccError(f"pass {', '.join(map(repr, repeated))} is asked for more than once; name each pass once")
+
+
+def split_module_passes(passes: list[Pass]) -> tuple[list[Pass], list[Pass]]:
+    """(passes that rewrite modules, graph passes): the first kind must lead the list."""
+    leading = 0
+    while leading < len(passes) and passes[leading].rewrites_modules:
+        leading += 1
+    late = [p.name for p in passes[leading:] if p.rewrites_modules]
+    if late:
+        raise EffccError(f"{', '.join(late)} rewrites the model's layers and must come before every graph pass in the list")
+    return passes[:leading], passes[leading:]
+
+
+def run_module_passes(model: nn.Module, passes: list[Pass], args: tuple, kwargs: dict) -> tuple[nn.Module, list[PassResult]]:
+    """Apply module-rewriting passes (Sparse-IFT) one after another; `model` is left as it is.
+
+    Their guarantee is FLOPs, so that is what is checked: the forward FLOPs on the example
+    inputs before and after each, which may differ only by the rounding the pass declares."""
+    results = []
+    for p in passes:
+        start = time.perf_counter()
+        log = SiteLog()
+        new = p.transform(model, args, kwargs, log)
+        before, after = count_flops(model, args, kwargs), count_flops(new, args, kwargs)
+        if p.guarantee is Guarantee.ISO_FLOP and abs(after - before) > p.flop_slack:
+            raise VerificationError(
+                f"pass {p.name!r} changed the forward FLOPs of {type(model).__name__} from {before:,} to {after:,}, more than "
+                f"the {p.flop_slack:,} its rounding allows. This is a bug in effcc; please report it with the model."
+            )
+        results.append(PassResult(p.name, p.guarantee, log.changed, log.skipped, None, None, time.perf_counter() - start, (before, after)))
+        model = new
+    return model, results
 
 
 def apply_pass(program: Program, p: Pass) -> SiteLog:

@@ -22,6 +22,7 @@ class PassResult:
     comparison: Comparison | None  # float64 error vs the original after this pass (None: not verified)
     rtol: float | None
     seconds: float
+    flops: tuple[int, int] | None = None  # forward FLOPs before/after (iso-FLOP passes)
 
 
 @dataclass
@@ -40,10 +41,14 @@ class Report:
             table.add_row("(capture)", "", "", "", f"{self.capture.max_rel:.1e}", "")
         for p in self.passes:
             err = f"{p.comparison.max_rel:.1e}" if p.comparison else "unverified"
+            if p.flops is not None:
+                err = f"FLOPs {(p.flops[1] - p.flops[0]) / p.flops[0]:+.1e}"
             tol = f"{p.rtol:.0e}" if p.rtol is not None else ""
             table.add_row(p.name, str(p.guarantee), str(len(p.changed)), str(len(p.skipped)), err, tol)
         parts = [table]
         for p in self.passes:
+            if p.flops is not None:
+                parts.append(Text(f"  {p.name}: forward FLOPs on the example inputs: {p.flops[0]:,} dense → {p.flops[1]:,} active"))
             for site in p.changed:
                 parts.append(Text.assemble(("  ✓ ", "green"), f"{p.name}: {site.where}: {site.detail}"))
             for site in p.skipped:

@@ -127,3 +127,14 @@ def verify(original: nn.Module, rewritten: nn.Module, inputs: tuple, kwargs: dic
     else:
         actual = reference_outputs(rewritten, inputs, kwargs)
     return compare(actual, reference_outputs(original, inputs, kwargs))
+
+
+def count_flops(model: nn.Module, args: tuple, kwargs: dict | None = None) -> int:
+    """Forward FLOPs of `model` on the inputs (torch's FlopCounterMode; effcc's masked layers count kept weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .capture import eval_mode
+
+    with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False) as counter:
+        model(*args, **(kwargs or {}))
+    return counter.get_total_flops()

@@ -56,6 +56,11 @@ class Pass:
     guarantee: ClassVar[Guarantee]
     default: ClassVar[bool] = False  # run by torch.compile(backend="effcc") / optimize() with no passes named
     rewrites_tensors: ClassVar[bool] = True  # needs parameter values as constants (inference only under torch.compile)
+    rewrites_modules: ClassVar[bool] = False  # changes the nn.Module itself (transform), before capture
+
+    def transform(self, model, args: tuple, kwargs: dict, log: SiteLog):
+        """For passes that rewrite modules: a new model (the given one untouched)."""
+        raise NotImplementedError
 
     def apply(self, program: Program, log: SiteLog) -> None:
         raise NotImplementedError
