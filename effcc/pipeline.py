@@ -13,7 +13,6 @@ from .program import Program
 from .report import PassResult, Report
 from .verify import Comparison, compare, count_flops, reference_outputs, run_float64
 
-
 # Captured graph vs eager model, both in float64.  Not 0: a model may keep a step in float32
 # on purpose (LLaMA's rotary angles) where the float64 graph computes it in float64.
 CAPTURE_RTOL = 1e-5
@@ -111,7 +110,7 @@ def run_passes(model: nn.Module, program: Program, passes: list[Pass], *, verify
 def _run(what: str, run, module, program: Program):
     try:
         return run(module, program.example_args, program.example_kwargs)
-    except Exception as error:  # noqa: BLE001 - the model's own failure, reported in one line
+    except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CaptureError(f"{what}: {type(error).__name__}: {first[:300]}. Are the example inputs what the model takes?") from error
 

@@ -14,4 +14,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'effcc.ops' has no attribute {name!r}")
 
 
-__all__ = ["add_rms_norm", "complex_linear", "quantized_linear", "sparse", "rms_norm", "rms_norm_reference"]
+__all__ = ["add_rms_norm", "complex_linear", "quantized_linear", "rms_norm", "rms_norm_reference", "sparse"]

@@ -293,7 +293,8 @@ def spec_of_layer(layer: Layer, positions: dict):
 def _multiple(block: tuple[int, int], channels: int) -> int:
     if block != (1, 1):
         return max(block)
-    return 8 if channels % 8 == 0 else 1
+    # Multiples of 8 suit tensor cores; below 64 channels the rounding would eat the widening.
+    return 8 if channels % 8 == 0 and channels >= 64 else 1
 
 
 def _shape(spec) -> tuple[int, ...]:

@@ -43,7 +43,7 @@ class LayerSpec:
     def weights(self) -> int:
         return self.out_features * self.in_features * self.taps
 
-    def resized(self, in_features: int | None = None, out_features: int | None = None, *, bias: bool | None = None) -> "LayerSpec":
+    def resized(self, in_features: int | None = None, out_features: int | None = None, *, bias: bool | None = None) -> LayerSpec:
         return replace(
             self,
             in_features=self.in_features if in_features is None else in_features,
@@ -51,7 +51,7 @@ class LayerSpec:
             bias=self.bias if bias is None else bias,
         )
 
-    def pointwise(self) -> "LayerSpec":
+    def pointwise(self) -> LayerSpec:
         """The 1×1 (or linear) layer that follows a factor with this layer's kernel."""
         return replace(self, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1))
 

@@ -217,7 +217,7 @@ def _view_axis(out: fx.Node, src: fx.Node, axis: int, forward: bool = False) -> 
         return -1
     # NCHW ↔ NC: the channel is dim 1 of both, and nothing else of size > 1 shares it.
     four, two = (va, vb) if va.dim() == 4 else (vb, va)
-    if four.dim() == 4 and two.dim() == 2 and int(four.shape[1]) == int(two.shape[1]) == channels:
-        if _name(out) == "mean" or int(four.shape[2]) * int(four.shape[3]) == 1:
-            return -1 if vb is two else -3
+    same_channels = four.dim() == 4 and two.dim() == 2 and int(four.shape[1]) == int(two.shape[1]) == channels
+    if same_channels and (_name(out) == "mean" or int(four.shape[2]) * int(four.shape[3]) == 1):
+        return -1 if vb is two else -3
     return None

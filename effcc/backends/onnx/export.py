@@ -38,9 +38,9 @@ def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None,
         options["opset_version"] = opset
     if dynamic_shapes is not None:
         options["dynamic_shapes"] = dynamic_shapes
-    from . import complex_linear, quantized  # onnxscript, which torch.onnx.export loads anyway
+    from . import complex_linear, quantized, sparse  # onnxscript, which torch.onnx.export loads anyway
 
-    table = {**quantized.TRANSLATIONS, **complex_linear.TRANSLATIONS}
+    table = {**quantized.TRANSLATIONS, **complex_linear.TRANSLATIONS, **sparse.TRANSLATIONS}
 
     # A GraphModule shows which ops it calls; any other module is only known after torch.export,
     # so it gets them all (an entry for an op that never appears changes nothing).
