@@ -5,7 +5,7 @@
     torch.compile(model, backend="effcc")
 """
 
-from . import qat
+from . import qat, sparsity
 from .api import OptimizeResult, check_onnx, export_onnx, optimize, verify
 from .errors import CaptureError, EffccError, UnknownPassError, VerificationError
 from .passes import REGISTRY, Guarantee, Pass, register_pass
@@ -32,6 +32,7 @@ __all__ = [
     "list_passes",
     "optimize",
     "qat",
+    "sparsity",
     "register_pass",
     "shared_prefix",
     "SharedPrefixError",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 
 import torch
 from torch import nn
@@ -77,8 +78,21 @@ def export(module: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_s
 
     Inside effcc's torch.compile backend, an export must not add its symbols and guards to
     the shape environment of the Dynamo frame being compiled."""
-    with eval_mode(module), torch._guards.tracing(None):
+    with eval_mode(module), torch._guards.tracing(None), _quiet_size_one_specialisation():
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+@contextlib.contextmanager
+def _quiet_size_one_specialisation():
+    """Dim.AUTO on a size-1 dim (one image channel, batch 1) makes export warn that it is static,
+    which is what effcc wants; the warning would only be noise in a user's log."""
+    logger = logging.getLogger("torch._export.non_strict_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic: bool = True, detach: bool = True) -> Program:

@@ -206,3 +206,15 @@ def test_layers_that_do_not_fit_blocks_are_left_dense():
     skipped = {site.where: site.detail for site in res.passes[0].skipped}
     assert "not a whole number of 8×8 blocks" in skipped["2"]
     assert isinstance(res.model[2], nn.Linear)
+
+
+def test_sparse_model_trains_under_torch_compile():
+    torch.manual_seed(0)
+    model, args = CASES["mlp"]()
+    sparse = sparse_ift(model, args, family="parallel").model
+    compiled = torch.compile(sparse)
+    compiled(*args).square().sum().backward()
+    _, layer = masked_layers(sparse)[0]
+    compiled_grad, layer.weight.grad = layer.weight.grad.clone(), None
+    sparse(*args).square().sum().backward()
+    torch.testing.assert_close(compiled_grad, layer.weight.grad)
