@@ -18,6 +18,8 @@ times output positions, ×2), which is how Sparse-IFT's iso-FLOP promise is chec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -108,3 +110,72 @@ def active_linear_flops(x: Tensor, weight: Tensor, mask: Tensor, bias=None, *, o
 def active_conv2d_flops(x: Tensor, weight: Tensor, mask: Tensor, *args, out_val=None, **_) -> int:
     """2 × batch × output positions × nonzeros of the mask (each kept weight is one MAC per position)."""
     return 2 * out_val.shape[0] * out_val.shape[2] * out_val.shape[3] * _nonzeros(mask)
+
+
+# ---- block-sparse inference ------------------------------------------------------------------------
+# A frozen layer keeps only its kept blocks, row-block by row-block (BSR): for output row-block r,
+# col_blocks[row_offsets[r]:row_offsets[r + 1]] are its kept column blocks and values[j] is block j,
+# stored transposed ([bi, bo]) because the kernel multiplies x [tokens, bi] by it directly.
+KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class BlockSparseWeight:
+    values: Tensor  # [kept blocks, bi, bo]
+    row_offsets: Tensor  # int32 [out / bo + 1]
+    col_blocks: Tensor  # int32 [kept blocks]
+    out_features: int
+    in_features: int
+
+
+def pack_blocks(weight: Tensor, mask: Tensor, block: tuple[int, int]) -> BlockSparseWeight:
+    """The kept blocks of a linear's W ⊙ M [out, in] in BSR form."""
+    from ..sparsity.blocks import collapse
+
+    out_features, in_features = weight.shape
+    bo, bi = block
+    if out_features % bo or in_features % bi:
+        raise ValueError(f"a {out_features}×{in_features} weight is not a whole number of {bo}×{bi} blocks")
+    kept = collapse(mask, block)  # raises unless the mask is constant over blocks
+    rows, cols = kept.nonzero(as_tuple=True)  # row-major: grouped by row-block, as BSR needs
+    tiles = weight.detach().reshape(out_features // bo, bo, in_features // bi, bi).permute(0, 2, 3, 1)  # [R, C, bi, bo]
+    counts = kept.sum(dim=1)
+    offsets = torch.zeros(kept.shape[0] + 1, dtype=torch.int32, device=weight.device)
+    offsets[1:] = counts.cumsum(0).to(torch.int32)
+    return BlockSparseWeight(tiles[rows, cols].contiguous(), offsets, cols.to(torch.int32).contiguous(), out_features, in_features)
+
+
+def unpack_blocks(packed: BlockSparseWeight) -> Tensor:
+    """The dense [out, in] weight (zeros where no block is kept)."""
+    _, bi, bo = packed.values.shape
+    rows = torch.repeat_interleave(torch.arange(len(packed.row_offsets) - 1, device=packed.values.device), packed.row_offsets.diff().long())
+    tiles = packed.values.new_zeros(packed.out_features // bo, packed.in_features // bi, bi, bo)
+    tiles[rows, packed.col_blocks.long()] = packed.values
+    return tiles.permute(0, 3, 1, 2).reshape(packed.out_features, packed.in_features)
+
+
+@custom_op("effcc::block_sparse_linear", mutates_args=())
+def block_sparse_linear(x: Tensor, values: Tensor, row_offsets: Tensor, col_blocks: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """x · Wᵀ + b for a BSR weight (inference: no autograd).  CUDA: effcc's Triton kernel; CPU: the reference."""
+    if x.is_cuda:
+        from ..backends.triton.sparse_linear import block_sparse_linear as kernel
+
+        return kernel(x, values, row_offsets, col_blocks, bias, out_features)
+    return block_sparse_linear_reference(x, values, row_offsets, col_blocks, bias, out_features)
+
+
+@block_sparse_linear.register_fake
+def _(x, values, row_offsets, col_blocks, bias, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def block_sparse_linear_reference(x, values, row_offsets, col_blocks, bias, out_features) -> Tensor:
+    in_features = x.shape[-1]
+    weight = unpack_blocks(BlockSparseWeight(values, row_offsets, col_blocks, out_features, in_features))
+    return F.linear(x, weight.to(x.dtype), bias)
+
+
+@register_flop_formula(torch.ops.effcc.block_sparse_linear, get_raw=True)
+def active_block_sparse_flops(x: Tensor, values: Tensor, *args, out_val=None, **_) -> int:
+    """2 × tokens × stored weights."""
+    return 2 * (x.numel() // x.shape[-1]) * values.numel()
