@@ -54,7 +54,9 @@ def test_triton_kernel_matches_the_reference(tokens, block, with_bias):
     b = torch.randn(64) if with_bias else None
     args = (packed.values, packed.row_offsets, packed.col_blocks, b, 64)
     expected = block_sparse_linear_reference(x.double(), packed.values.double(), *args[1:3], b.double() if with_bias else None, 64)
-    got = triton_block_sparse_linear(x, *args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (conftest)
+    on = [t.to(device) if isinstance(t, torch.Tensor) else t for t in (x, *args)]
+    got = triton_block_sparse_linear(*on).cpu()
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
 
 

@@ -34,9 +34,9 @@ def block_sums(t: Tensor, block: tuple[int, int]) -> Tensor:
     return padded.reshape(rows, block[0], cols, block[1]).sum(dim=(1, 3))
 
 
-def block_sizes(shape: torch.Size | tuple, block: tuple[int, int]) -> Tensor:
+def block_sizes(shape: torch.Size | tuple, block: tuple[int, int], device=None) -> Tensor:
     """How many weights each block holds (partial edge blocks hold fewer) → [block rows, block columns]."""
-    return block_sums(torch.ones(shape), block).long()
+    return block_sums(torch.ones(shape, device=device), block).long()
 
 
 def expand(block_mask: Tensor, shape: torch.Size | tuple, block: tuple[int, int]) -> Tensor:
@@ -49,7 +49,7 @@ def expand(block_mask: Tensor, shape: torch.Size | tuple, block: tuple[int, int]
 def collapse(mask: Tensor, block: tuple[int, int]) -> Tensor:
     """The mask over blocks of an element mask (True where the block is kept); checks it is block-constant."""
     kept = block_sums(mask, block)
-    full = block_sizes(mask.shape, block)
+    full = block_sizes(mask.shape, block, mask.device)
     if not bool(((kept == 0) | (kept == full)).all()):
         raise ValueError(f"mask of shape {tuple(mask.shape)} is not constant over blocks of {block}")
     return kept > 0
