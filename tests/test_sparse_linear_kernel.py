@@ -60,20 +60,49 @@ def test_triton_kernel_matches_the_reference(tokens, block, with_bias):
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_freeze_lowers_block_masked_linears_and_leaves_the_rest(caplog):
+def test_freeze_lowers_sparse_wide_linears_to_the_kernel(caplog):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     x = torch.randn(4, 32)
-    sparse = effcc.optimize(model, (x,), passes=[("sparse_ift", {"family": "parallel", "block": (16, 16)})]).model
+    options = {"family": "wide", "sparsity": 0.8, "block": (16, 16)}
+    sparse = effcc.optimize(model, (x,), passes=[("sparse_ift", options)]).model
     conv = MaskedLayer(LayerSpec("conv2d", 2, 4, False, (3, 3)), (1, 1))
     holder = nn.ModuleDict({"mlp": sparse, "conv": conv})
-    frozen = freeze(holder)
-    assert sum(isinstance(m, BlockSparseLinear) for m in frozen.modules()) == 2 * 4  # parallel: 4 branches, 2 layers
-    assert [name for name, _ in masked_layers(frozen)] == ["conv"]
-    assert "conv stays masked dense: a convolution" in caplog.text
+    with caplog.at_level("INFO", logger="effcc"):
+        frozen = freeze(holder)
+    lowered = [m for m in frozen.modules() if isinstance(m, BlockSparseLinear)]
+    assert len(lowered) == 2  # the two hidden 64×64 layers, widened and sparse
+    assert not masked_layers(frozen) and isinstance(frozen["conv"], nn.Conv2d)
+    assert "conv runs dense with W ⊙ M: a convolution" in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(frozen["mlp"](x), sparse(x), rtol=1e-5, atol=1e-5)
+        y = torch.randn(2, 2, 6, 6)
+        torch.testing.assert_close(frozen["conv"](y), conv(y), rtol=1e-6, atol=1e-6)
     assert masked_layers(holder)  # the original keeps training
+
+
+@pytest.mark.parametrize("family", ["parallel", "factorized", "doped"])
+@pytest.mark.parametrize("case", ["mlp", "resnet18", "gpt2"])
+def test_freeze_folds_structures_into_one_dense_layer_exactly(family, case):
+    from conftest import build, token_ids
+
+    from effcc.models import ResNet18
+
+    torch.manual_seed(0)
+    model, args = {
+        "mlp": lambda: (nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), (torch.randn(8, 16),)),
+        "resnet18": lambda: (ResNet18(width=8), (torch.randn(2, 3, 16, 16),)),
+        "gpt2": lambda: (build("gpt2"), (token_ids(2, 12),)),
+    }[case]()
+    sparse = effcc.optimize(model, args, passes=[("sparse_ift", {"family": family})]).model.double().eval()
+    frozen = freeze(sparse)
+    assert not masked_layers(frozen)
+    assert sum(p.numel() for p in frozen.parameters()) == sum(p.numel() for p in model.parameters())  # the original's layers again
+    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    with torch.no_grad():
+        expected, got = sparse(*args), frozen(*args)
+    expected, got = (getattr(t, "logits", t) for t in (expected, got))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

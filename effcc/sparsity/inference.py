@@ -1,11 +1,14 @@
-"""Inference on sparse layers that skips the zeros: `freeze` lowers masked linears to block-sparse ones.
+"""Inference for Sparse-IFT models: `freeze` turns what was trained into what runs fastest.
 
     fast = effcc.sparsity.freeze(trained).to("cuda", torch.bfloat16)   # a copy; `trained` keeps training
 
-A masked linear whose mask is constant over (bo, bi) blocks with bo, bi ∈ {16, 32, 64, 128} becomes a
-`BlockSparseLinear`: its kept blocks only (BSR) and effcc::block_sparse_linear, a Triton kernel on
-CUDA that reads no masked block (effcc/backends/triton/sparse_linear.py).  Unstructured masks
-(block (1, 1)) and convolutions stay masked dense, and `freeze` says which and why: on a GPU an
+Parallel, factorized and doped layers have no nonlinearity inside, so each folds exactly into one
+dense layer of the original shape: at inference they cost what the dense layer costs.  A sparse
+linear that stands alone (Sparse Wide) whose mask is constant over (bo, bi) blocks with bo, bi in
+{16, 32, 64, 128} and whose density is low enough becomes a `BlockSparseLinear`: its kept blocks
+only (BSR) and effcc::block_sparse_linear, a Triton kernel on CUDA that reads no masked block
+(effcc/backends/triton/sparse_linear.py).  Other masked layers (unstructured masks, convolutions,
+dense-ish masks) get W ⊙ M baked into a plain layer, and `freeze` logs why: on a GPU an
 unstructured 75 % sparse matrix has almost no empty tile to skip.
 """
 
@@ -14,12 +17,16 @@ from __future__ import annotations
 import copy
 import logging
 
+import torch
 from torch import Tensor, nn
 
 from ..ops import sparse as ops
-from .layers import MaskedLayer, masked_layers
+from .layers import MaskedLayer, SparseDoped, SparseFactorized, SparseParallel, dense_layer
 
 log = logging.getLogger("effcc")
+# Above this density the library GEMM on the baked W ⊙ M beats the block-sparse kernel
+# (H100, bf16, 64×64 blocks: 0.82-0.95× at density 0.5, 1.4-1.9× at 0.25; benchmarks/bench_sparse_ift.py).
+KERNEL_MAX_DENSITY = 0.35
 
 
 class BlockSparseLinear(nn.Module):
@@ -43,7 +50,7 @@ class BlockSparseLinear(nn.Module):
 
 
 def why_not_frozen(layer: MaskedLayer) -> str | None:
-    """Why a masked layer cannot become block-sparse, or None when it can."""
+    """Why a masked layer cannot run on the block-sparse kernel, or None when it can."""
     if layer.spec.kind != "linear":
         return "a convolution (the block-sparse kernel is for linears)"
     bo, bi = layer.block
@@ -51,18 +58,78 @@ def why_not_frozen(layer: MaskedLayer) -> str | None:
         return f"its mask blocks are {bo}×{bi}; the kernel needs sides in {ops.KERNEL_BLOCK_SIZES} (sparse_ift option `block`)"
     if layer.spec.out_features % bo or layer.spec.in_features % bi:
         return f"its {layer.spec.out_features}×{layer.spec.in_features} weight is not a whole number of {bo}×{bi} blocks"
+    if layer.density > KERNEL_MAX_DENSITY:
+        return f"density {layer.density:.2f} > {KERNEL_MAX_DENSITY}: the dense library GEMM on W ⊙ M is faster there (H100, README)"
     return None
 
 
+def _effective(module: nn.Module) -> Tensor:
+    """The weight a layer multiplies by, in float64 (W ⊙ M for a masked layer)."""
+    w = module.weight.detach().double()
+    return w * module.mask if isinstance(module, MaskedLayer) else w
+
+
+def _compose(outer: nn.Module, inner: nn.Module) -> Tensor:
+    """The one weight of outer ∘ inner, where outer is pointwise (1×1 conv or linear) over inner's outputs."""
+    w_outer, w_inner = _effective(outer), _effective(inner)
+    return torch.einsum("or,ri...->oi...", w_outer.reshape(w_outer.shape[0], w_outer.shape[1]), w_inner)
+
+
+def fold(module: nn.Module) -> nn.Module | None:
+    """The single dense layer that a parallel, factorized or doped structure computes, or None.
+
+    Σ_i x·(W_i ⊙ M_i)ᵀ = x·(Σ_i W_i ⊙ M_i)ᵀ, and a linear (or a 1×1 conv) after a linear (or conv)
+    is one linear (conv) with the product weight: each folds exactly (float64 products, then one
+    rounding) into a layer of the original's shape, hence the original's FLOPs."""
+    if isinstance(module, SparseParallel):
+        spec, weight = module.branches[0].spec, sum(_effective(b) for b in module.branches)
+        bias = module.branches[0].bias
+    elif isinstance(module, SparseFactorized):
+        spec, weight, bias = module.u.spec.resized(out_features=module.v.spec.out_features, bias=module.v.bias is not None), _compose(module.v, module.u), module.v.bias
+    elif isinstance(module, SparseDoped):
+        spec, weight, bias = module.sparse.spec, _effective(module.sparse) + _compose(module.v, module.u), module.sparse.bias
+    else:
+        return None
+    like = next(module.parameters())
+    dense = dense_layer(spec, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense
+
+
+def _baked(layer: MaskedLayer) -> nn.Module:
+    """A plain layer holding W ⊙ M: the same math without multiplying by the mask on every call."""
+    dense = dense_layer(layer.spec, device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(layer.weight * layer.mask)
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+    return dense
+
+
 def freeze(model: nn.Module) -> nn.Module:
-    """A copy of `model` for inference in which every masked linear that can be is block-sparse."""
+    """A copy of `model` for inference: Sparse-IFT structures as fast as the hardware allows.
+
+    parallel / factorized / doped  → folded into one dense layer of the original shape (exact)
+    sparse linears (wide)          → BlockSparseLinear when the kernel applies, else W ⊙ M baked in
+    """
     frozen = copy.deepcopy(model)
-    for name, layer in masked_layers(frozen):
-        reason = why_not_frozen(layer)
-        if reason is not None:
-            log.warning("effcc.sparsity.freeze: %s stays masked dense: %s", name, reason)
-            continue
-        packed = ops.pack_blocks(layer.weight * layer.mask, layer.mask, layer.block)
-        parent, _, leaf = name.rpartition(".")
-        setattr(frozen.get_submodule(parent) if parent else frozen, leaf, BlockSparseLinear(packed, layer.bias))
+    replaced: list[str] = []
+    for name, module in list(frozen.named_modules()):  # parents come before their children
+        if any(name.startswith(f"{prefix}.") for prefix in replaced):
+            continue  # inside a structure already folded
+        replacement = fold(module)
+        if replacement is None and isinstance(module, MaskedLayer):
+            reason = why_not_frozen(module)
+            if reason is None:
+                replacement = BlockSparseLinear(ops.pack_blocks(module.weight * module.mask, module.mask, module.block), module.bias)
+            else:
+                log.info("effcc.sparsity.freeze: %s runs dense with W ⊙ M: %s", name, reason)
+                replacement = _baked(module)
+        if replacement is not None:
+            parent, _, leaf = name.rpartition(".")
+            setattr(frozen.get_submodule(parent) if parent else frozen, leaf, replacement)
+            replaced.append(name)
     return frozen
