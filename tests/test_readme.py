@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+import effcc
+from effcc.verify import count_flops
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,3 +24,17 @@ def test_the_shared_prompt_example_runs():
     exec("import torch, effcc\n" + code, scope)
     assert scope["logits"].shape == (4, 6, 100) and scope["logprobs"].shape == (4, 6)
     assert all(p.grad is not None for p in scope["policy"].parameters())
+
+
+def test_the_sparse_ift_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Sparse iso-FLOP training (Sparse-IFT)", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    scope = {}
+    exec("import torch, effcc\n" + code, scope)
+    res, sparse, rigl = scope["res"], scope["sparse"], scope["rigl"]
+    before, after = res.passes[0].flops
+    assert abs(after - before) <= 1e-4 * before
+    assert count_flops(sparse, (scope["images"],)) == after  # RigL moved masks, not FLOPs
+    assert any(moved for *_, moved in rigl.history)
+    assert not effcc.sparsity.masked_layers(scope["fast"])

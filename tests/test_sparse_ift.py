@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VOCAB, build, token_ids
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -13,8 +14,6 @@ from effcc.errors import EffccError
 from effcc.models import ResNet18
 from effcc.sparsity import MaskedLayer, blocks, masked_layers
 from effcc.sparsity.layers import LayerSpec
-
-from conftest import VOCAB, build, token_ids
 
 FAMILIES = ["wide", "parallel", "factorized", "doped"]
 
