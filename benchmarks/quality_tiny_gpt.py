@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import site
 import time
 from pathlib import Path
 
@@ -22,22 +21,13 @@ import torch
 from safetensors.torch import load_model, save_model
 
 import effcc
-from effcc.models import TinyGPT
+from effcc.models import TinyGPT, installed_text_corpus, text_windows
 
 CONTEXT = 128
 
 
-def corpus() -> bytes:
-    parts = []
-    for folder in site.getsitepackages():
-        for path in sorted(Path(folder).glob("*.dist-info/METADATA")) + sorted(Path(folder).glob("**/*.md")) + sorted(Path(folder).glob("**/*.rst")):
-            parts.append(path.read_bytes())
-    return b"\n".join(parts)
-
-
 def windows(data: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(data) - CONTEXT - 1, (count,), generator=generator)
-    return torch.stack([data[s : s + CONTEXT + 1] for s in starts.tolist()])
+    return text_windows(data, count, CONTEXT, generator)
 
 
 def train(model: TinyGPT, data: torch.Tensor, steps: int, lr: float = 3e-3, weight_decay: float = 0.1, one_cycle: bool = True, seed: int = 0) -> None:
@@ -72,7 +62,7 @@ def perplexity(fn, batches: list[torch.Tensor]) -> float:
 
 def trained_model(weights: Path, steps: int) -> tuple[TinyGPT, torch.Tensor, torch.Tensor]:
     """(the model, training bytes, held-out bytes): trained here once, then loaded from `weights`."""
-    data = torch.frombuffer(bytearray(corpus()), dtype=torch.uint8).long()
+    data = installed_text_corpus()
     split = int(0.9 * len(data))
     train_data, held_out = data[:split], data[split:]
     torch.manual_seed(0)

@@ -7,6 +7,9 @@ drawn away from 1 and 0 so that a rewrite that mishandles them shows up as an er
 
 from __future__ import annotations
 
+import site
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,3 +115,19 @@ class ResNet18(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def installed_text_corpus() -> torch.Tensor:
+    """English text found on this machine, as byte ids: the package descriptions and the .md / .rst
+    files in site-packages.  For training small byte-level models offline (no download)."""
+    parts = []
+    for folder in site.getsitepackages():
+        for path in sorted(Path(folder).glob("*.dist-info/METADATA")) + sorted(Path(folder).glob("**/*.md")) + sorted(Path(folder).glob("**/*.rst")):
+            parts.append(path.read_bytes())
+    return torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8).long()
+
+
+def text_windows(data: torch.Tensor, count: int, context: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` random windows of context + 1 tokens (inputs and their next-token targets)."""
+    starts = torch.randint(0, len(data) - context - 1, (count,), generator=generator)
+    return torch.stack([data[s : s + context + 1] for s in starts.tolist()])

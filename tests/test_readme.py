@@ -16,22 +16,23 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert ci.strip().splitlines()[-1] == command
 
 
-def test_the_shared_prompt_example_runs():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Shared prompts (Prefix Grouper)", 1)[1]
+def run_example(heading: str) -> dict:
+    """Run the first Python block under `heading` in the README; its variables come back."""
+    section = (ROOT / "README.md").read_text().split(heading, 1)[1]
     code = section.split("```python", 1)[1].split("```", 1)[0]
     scope = {}
     exec("import torch, effcc\n" + code, scope)
+    return scope
+
+
+def test_the_shared_prompt_example_runs():
+    scope = run_example("### Shared prompts (Prefix Grouper)")
     assert scope["logits"].shape == (4, 6, 100) and scope["logprobs"].shape == (4, 6)
     assert all(p.grad is not None for p in scope["policy"].parameters())
 
 
 def test_the_sparse_ift_example_runs():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Sparse iso-FLOP training (Sparse-IFT)", 1)[1]
-    code = section.split("```python", 1)[1].split("```", 1)[0]
-    scope = {}
-    exec("import torch, effcc\n" + code, scope)
+    scope = run_example("### Sparse iso-FLOP training (Sparse-IFT)")
     res, sparse, rigl = scope["res"], scope["sparse"], scope["rigl"]
     before, after = res.passes[0].flops
     assert abs(after - before) <= 1e-4 * before

@@ -5,20 +5,22 @@
         optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
         updater.step()                     # after optimizer.step(), before the next zero_grad()
 
-Every `update_every` steps until `stop_fraction`·T, each masked layer drops the f(t)·kept blocks
-whose weights are smallest (Σ|W| over the block) and grows as many where the mask is off:
-RigL (Evci et al. 2020) where the dense gradient is largest (Σ|∂L/∂W| — effcc's masked ops
-give the dense gradient, see effcc/ops/sparse.py), SET (Mocanu et al. 2018) at random.
-f(t) = drop_fraction/2 · (1 + cos(π t / (stop_fraction·T))) is the cosine decay Sparse-IFT uses.
-The number of kept blocks never changes, so neither do the active FLOPs.  Grown blocks start
-at zero with fresh optimizer state; a just-dropped block is not grown back in the same update.
-Masks change in place, so anything holding them (state_dict, a captured graph) follows.
-Not calling an updater trains static masks.
+Every `update_every` steps while step < stop_fraction·T, each masked layer drops the n = round(f(t)·kept)
+kept blocks whose weights are smallest (Σ|W| over the block) and grows n blocks where the mask is off:
+RigL (Evci et al. 2020) where the dense gradient is largest (Σ|∂L/∂(W⊙M)| over the block; effcc's masked
+ops leave that dense gradient in weight.grad, see effcc/ops/sparse.py), SET (Mocanu et al. 2018) at random.
+f(t) = drop_fraction/2 · (1 + cos(π t / (stop_fraction·T))) is the cosine decay RigL and Sparse-IFT use.
+
+The number of kept blocks never changes, so neither do the active FLOPs (exactly so when the block divides
+the weight; a partial edge block counts as one block like any other).  Grown blocks start at zero with
+zeroed optimizer state; dropped blocks are zeroed too.  Masks change in place (mask.copy_), so anything
+holding them (state_dict, a captured graph) follows.  Not calling an updater at all trains static masks.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -28,103 +30,144 @@ from . import blocks
 from .layers import MaskedLayer, masked_layers
 
 
-class _Updater:
-    grows_by: str = ""
+class MaskUpdate(NamedTuple):
+    """One layer's change at one update step, counted in blocks (dropped == grown: counts are kept)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int, *, update_every: int = 100,
-                 drop_fraction: float = 0.3, stop_fraction: float = 0.8):  # fmt: skip
+    step: int
+    layer: str
+    dropped: int
+    grown: int
+
+
+class _Updater:
+    """The schedule, drop rule, bookkeeping and resuming that RigL and SET share; they differ in where they grow."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int, *,
+        update_every: int = 100, drop_fraction: float = 0.3, stop_fraction: float = 0.8,
+    ):  # fmt: skip
+        who = type(self).__name__
         self.layers = masked_layers(model)
         if not self.layers:
-            raise EffccError(f"{type(self).__name__}: {type(model).__name__} has no masked layers; apply the sparse_ift pass first")
-        if total_steps < 1 or update_every < 1:
-            raise EffccError(f"{type(self).__name__}: total_steps and update_every must be ≥ 1 (got {total_steps}, {update_every})")
-        if not 0 <= drop_fraction <= 1 or not 0 < stop_fraction <= 1:
-            raise EffccError(f"{type(self).__name__}: drop_fraction must be in [0, 1] and stop_fraction in (0, 1]")
-        self.optimizer, self.total_steps, self.update_every = optimizer, total_steps, update_every
+            raise EffccError(
+                f"{who}: {type(model).__name__} has no MaskedLayer; apply the sparse_ift pass (or build MaskedLayers) first"
+            )
+        for arg, value in (("total_steps", total_steps), ("update_every", update_every)):
+            if not isinstance(value, int) or value < 1:
+                raise EffccError(f"{who}: {arg} must be an integer ≥ 1, got {value!r}")
+        if not 0 <= drop_fraction <= 1:
+            raise EffccError(f"{who}: drop_fraction must be in [0, 1], got {drop_fraction!r}")
+        if not 0 < stop_fraction <= 1:
+            raise EffccError(f"{who}: stop_fraction must be in (0, 1], got {stop_fraction!r}")
+        self.optimizer = optimizer  # None: no optimizer state to reset (e.g. plain SGD without momentum)
+        self.total_steps, self.update_every = total_steps, update_every
         self.drop_fraction, self.stop_fraction = drop_fraction, stop_fraction
         self.steps = 0
-        self.history: list[tuple[int, str, int]] = []  # (step, layer, blocks moved)
+        self.history: list[MaskUpdate] = []
 
     def drop_fraction_at(self, step: int) -> float:
+        """f(step): the fraction of each layer's kept blocks that move at an update at `step` (0 from the stop on)."""
         end = self.stop_fraction * self.total_steps
         return 0.0 if step >= end else self.drop_fraction / 2 * (1 + math.cos(math.pi * step / end))
 
-    def step(self) -> None:
-        """Count one training step; at an update step, move blocks in every masked layer."""
+    def step(self) -> list[MaskUpdate]:
+        """Count one training step; at an update step move blocks in every masked layer.  Returns what moved (or [])."""
         self.steps += 1
         if self.steps % self.update_every or self.steps >= self.stop_fraction * self.total_steps:
-            return
+            return []
+        for name, layer in self.layers:  # check every layer before changing any, so an error leaves masks consistent
+            self._check(name, layer)
         fraction = self.drop_fraction_at(self.steps)
         with torch.no_grad():
-            for name, layer in self.layers:
-                moved = self._update(name, layer, fraction)
-                self.history.append((self.steps, name, moved))
+            updates = [self._update(name, layer, fraction) for name, layer in self.layers]
+        self.history.extend(updates)
+        return updates
 
-    def _update(self, name: str, layer: MaskedLayer, fraction: float) -> int:
+    def _update(self, name: str, layer: MaskedLayer, fraction: float) -> MaskUpdate:
         kept = blocks.collapse(layer.mask, layer.block)
-        n = min(round(fraction * int(kept.sum())), int((~kept).sum()))
-        if n == 0:
-            return 0
-        magnitude = blocks.block_sums(layer.weight.abs(), layer.block)
-        dropped = _largest((-magnitude).masked_fill(~kept, -math.inf), n)  # the smallest kept
+        # Grow only where the mask is off *before* this update: a just-dropped block is not grown back
+        # at once (as in RigL), so every update really moves n blocks.  Fewer candidates than n (a nearly
+        # dense layer) → move only as many; none (a dense layer) → nothing to do.
         candidates = ~kept
-        score = self._grow_score(name, layer).masked_fill(~candidates, -math.inf)
-        grown = _largest(score, n)
-        new = kept.clone()
-        new.view(-1)[dropped] = False
-        new.view(-1)[grown] = True
-        grown_mask = blocks.expand(new & ~kept, layer.mask.shape, layer.block)
-        dropped_mask = blocks.expand(kept & ~new, layer.mask.shape, layer.block)
-        layer.weight[grown_mask | dropped_mask] = 0
-        self._reset_optimizer_state(layer.weight, grown_mask)
-        layer.mask.copy_(blocks.expand(new, layer.mask.shape, layer.block))
-        return n
+        n = min(round(fraction * int(kept.sum())), int(candidates.sum()))
+        if n == 0:
+            return MaskUpdate(self.steps, name, 0, 0)
+        # Block sums, not means: a partial edge block has fewer weights, so it ranks lower on both sides.
+        dropped = top_blocks(-blocks.block_sums(layer.weight.abs(), layer.block), kept, n)
+        grown = top_blocks(self._grow_score(layer), candidates, n)
+        new = (kept & ~dropped) | grown
+        shape = layer.mask.shape
+        grown_weights = blocks.expand(grown, shape, layer.block)
+        # A grown connection starts from zero (RigL); a dropped one is zeroed so that regrowing it later starts there too.
+        layer.weight[grown_weights | blocks.expand(dropped, shape, layer.block)] = 0
+        self._reset_optimizer_state(layer.weight, grown_weights)
+        layer.mask.copy_(blocks.expand(new, shape, layer.block))
+        return MaskUpdate(self.steps, name, n, n)
 
-    def _grow_score(self, name: str, layer: MaskedLayer) -> Tensor:
+    def _check(self, name: str, layer: MaskedLayer) -> None:
+        """Raise before any mask changes if `layer` cannot be updated now."""
+
+    def _grow_score(self, layer: MaskedLayer) -> Tensor:
+        """[block rows, block columns]: the candidates with the largest scores grow."""
         raise NotImplementedError
 
     def _reset_optimizer_state(self, weight: Tensor, where: Tensor) -> None:
+        # Per-weight state (Adam's exp_avg / exp_avg_sq, SGD's momentum_buffer, ...) has the weight's shape;
+        # it holds history of the dense gradient at masked positions, which a fresh connection should not inherit.
         state = self.optimizer.state.get(weight, {}) if self.optimizer is not None else {}
         for value in state.values():
             if isinstance(value, Tensor) and value.shape == weight.shape:
                 value[where] = 0
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "history": list(self.history)}
+        # Plain tuples, so torch.load(weights_only=True) reads it back.
+        return {"steps": self.steps, "history": [tuple(u) for u in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps, self.history = state["steps"], list(state["history"])
+        missing = [key for key in self.state_dict() if key not in state]
+        if missing:
+            raise EffccError(
+                f"{type(self).__name__}.load_state_dict: the state has no {', '.join(missing)}; was it saved by {type(self).__name__}?"
+            )
+        self.steps, self.history = int(state["steps"]), [MaskUpdate(*u) for u in state["history"]]
 
 
-def _largest(score: Tensor, n: int) -> Tensor:
-    """Flat indices of the n largest finite entries (fewer if there are fewer)."""
-    flat = score.reshape(-1)
-    n = min(n, int(torch.isfinite(flat).sum()))
-    return flat.topk(n).indices
+def top_blocks(score: Tensor, eligible: Tensor, n: int) -> Tensor:
+    """A bool mask over blocks: the n eligible blocks with the largest scores (all eligible ones if fewer)."""
+    flat = score.reshape(-1).masked_fill(~eligible.reshape(-1), -math.inf)
+    n = min(n, int(eligible.sum()))
+    chosen = torch.zeros_like(eligible).reshape(-1)
+    chosen[flat.topk(n).indices] = True
+    return chosen.reshape(eligible.shape)
 
 
 class RigL(_Updater):
-    """Grow where the dense gradient is largest (needs weight.grad at update steps)."""
+    """Rigging the Lottery: drop the smallest weights, grow where the dense gradient is largest.
 
-    def _grow_score(self, name: str, layer: MaskedLayer) -> Tensor:
+    Needs weight.grad of every masked layer at update steps: call step() after backward()/optimizer.step()
+    and before the next zero_grad()."""
+
+    def _check(self, name: str, layer: MaskedLayer) -> None:
         if layer.weight.grad is None:
             raise EffccError(
                 f"RigL: {name}.weight has no gradient at step {self.steps}; call updater.step() after loss.backward() "
-                "and optimizer.step(), before the next zero_grad()"
+                "and optimizer.step(), before the next zero_grad() (zero_grad(set_to_none=True) clears it)"
             )
+
+    def _grow_score(self, layer: MaskedLayer) -> Tensor:
         return blocks.block_sums(layer.weight.grad.abs(), layer.block)
 
 
 class SET(_Updater):
-    """Grow at random (reproducible with `seed`)."""
+    """Sparse Evolutionary Training: drop the smallest weights, grow at random (reproducible from `seed`)."""
 
-    def __init__(self, model, optimizer, total_steps, *, seed: int = 0, **schedule):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int, *, seed: int = 0, **schedule):
         super().__init__(model, optimizer, total_steps, **schedule)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws whatever the model's device
 
-    def _grow_score(self, name: str, layer: MaskedLayer) -> Tensor:
+    def _grow_score(self, layer: MaskedLayer) -> Tensor:
         rows, cols = blocks.grid(layer.mask.shape, layer.block)
-        return torch.rand(rows, cols, generator=self.generator, dtype=torch.float64)
+        return torch.rand(rows, cols, generator=self.generator, dtype=torch.float64).to(layer.mask.device)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rng": self.generator.get_state()}
