@@ -217,3 +217,28 @@ def test_sparse_model_trains_under_torch_compile():
     compiled_grad, layer.weight.grad = layer.weight.grad.clone(), None
     sparse(*args).square().sum().backward()
     torch.testing.assert_close(compiled_grad, layer.weight.grad)
+
+
+class ShiftedMLP(nn.Module):
+    """A hidden width with a hand-written per-channel shift and a LayerNorm on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 64, bias=False)
+        self.shift = nn.Parameter(torch.zeros(64))
+        self.norm = nn.LayerNorm(64)
+        self.mid = nn.Linear(64, 64)
+        self.down = nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.mid(self.norm(self.up(x) + self.shift))))
+
+
+def test_wide_widens_per_channel_parameters_and_norms():
+    model, x = ShiftedMLP(), torch.randn(5, 16)
+    res = sparse_ift(model, (x,), family="wide", sparsity=0.5)
+    new = res.model
+    width = new.mid.spec.in_features
+    assert width > 64 and new.shift.shape == (width,) and new.norm.normalized_shape == (width,)
+    assert new.up.out_features == width and new.down.in_features == new.mid.spec.out_features
+    assert new(x).shape == (5, 4)

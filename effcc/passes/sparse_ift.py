@@ -20,7 +20,7 @@ import copy
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -30,7 +30,7 @@ from ..capture import eval_mode, export
 from ..errors import EffccError
 from ..sparsity import families, masks
 from ..sparsity.families import FAMILIES, Piece
-from ..sparsity.layers import MaskedLayer, spec_of, why_not_a_layer
+from ..sparsity.layers import LayerSpec, MaskedLayer, spec_of, why_not_a_layer
 from ..sparsity.widen import Layer, WidthGroup, find_width_group
 from . import register_pass
 from .base import Guarantee, Pass, SiteLog
@@ -133,10 +133,10 @@ class SparseIFT(Pass):
     def _plan_per_layer(self, chosen: list[Layer], positions: dict, log: SiteLog) -> list[Planned]:
         plans = []
         for layer in chosen:
-            spec = spec_of_layer(layer, positions)
+            spec = positions[layer.module].spec
             parts = families.pieces(self.family, spec, self.sparsity, multiple=_multiple(self.block, spec.out_features))
             if all(self._fits_blocks(p.spec, layer.module, log) for p in parts if p.sparse):
-                plans.append(Planned(layer, self.family, parts, positions[layer.module][1]))
+                plans.append(Planned(layer, self.family, parts, positions[layer.module].flops_per_weight))
         return plans
 
     def _plan_wide(self, layers: list[Layer], chosen: list[Layer], positions: dict, log: SiteLog):
@@ -156,9 +156,8 @@ class SparseIFT(Pass):
         by_name = {layer.module: layer for layer in layers}
         terms = []
         for module, (g_in, g_out) in sides.items():
-            spec, per_weight = positions[module][0], positions[module][1]
             density = 1 - self.sparsity if module in selected else 1.0
-            terms.append((spec.weights * per_weight, (g_in is not None) + (g_out is not None), density))
+            terms.append((positions[module].dense_flops, (g_in is not None) + (g_out is not None), density))
         omega = families.solve_width_factor(terms, sum(f for f, _, _ in terms))
         if omega <= 1.0 + 1e-9:
             if grown:
@@ -167,17 +166,17 @@ class SparseIFT(Pass):
         width = {id(g): families.round_width(g.channels * omega, _multiple(self.block, g.channels)) for g in grown}
         plans = []
         for module, (g_in, g_out) in sides.items():
-            spec = positions[module][0]
-            spec = spec.resized(in_features=width[id(g_in)] if g_in else None, out_features=width[id(g_out)] if g_out else None)
+            spec = positions[module].spec.resized(in_features=width[id(g_in)] if g_in else None, out_features=width[id(g_out)] if g_out else None)
             piece = Piece("layer", spec, module in selected)
             if piece.sparse and not self._fits_blocks(spec, module, log):
                 return [], []
-            plans.append(Planned(by_name[module], "wide", [piece], positions[module][1]))
-        widened = [(name, width[id(g)]) for g in grown for name in g.norms] + [(name, width[id(g)], fill) for g in grown for name, fill in g.parameters]
-        return plans, widened
+            plans.append(Planned(by_name[module], "wide", [piece], positions[module].flops_per_weight))
+        norms = [(name, width[id(g)], None) for g in grown for name in g.norms]
+        parameters = [(name, width[id(g)], fill) for g in grown for name, fill in g.parameters]
+        return plans, norms + parameters
 
     def _allocate(self, plans: list[Planned], positions: dict) -> None:
-        budget = sum(positions[p.layer.module][0].weights * p.flops_per_weight for p in plans)
+        budget = sum(positions[p.layer.module].dense_flops for p in plans)
         budget -= sum(piece.spec.weights * p.flops_per_weight for p in plans for piece in p.pieces if not piece.sparse)
         demands = [masks.Demand(_shape(piece.spec), p.flops_per_weight, self.block) for p in plans for piece in p.pieces if piece.sparse]
         if budget <= 0:
@@ -264,15 +263,23 @@ def _width_groups(layers: list[Layer]) -> list[WidthGroup]:
     return groups
 
 
-def _flops_per_weight(model: nn.Module, names: list[str], args: tuple, kwargs: dict) -> dict[str, tuple]:
-    """module → (LayerSpec, FLOPs one weight costs on the example inputs: 2 × tokens or output positions)."""
+class Measured(NamedTuple):
+    spec: LayerSpec
+    flops_per_weight: int  # what one weight costs on the example inputs: 2 × tokens (linear) or output positions (conv)
+
+    @property
+    def dense_flops(self) -> int:
+        return self.spec.weights * self.flops_per_weight
+
+
+def _flops_per_weight(model: nn.Module, names: list[str], args: tuple, kwargs: dict) -> dict[str, Measured]:
+    """Each named layer's spec and FLOPs per weight, by running the model once on the example inputs."""
     found = {}
 
     def record(name):
         def hook(module, inputs, output):
             spec = spec_of(module)
-            positions = output.numel() // spec.out_features
-            found[name] = (spec, 2 * positions)
+            found[name] = Measured(spec, 2 * (output.numel() // spec.out_features))
 
         return hook
 
@@ -284,10 +291,6 @@ def _flops_per_weight(model: nn.Module, names: list[str], args: tuple, kwargs: d
         for handle in handles:
             handle.remove()
     return found
-
-
-def spec_of_layer(layer: Layer, positions: dict):
-    return positions[layer.module][0]
 
 
 def _multiple(block: tuple[int, int], channels: int) -> int:
