@@ -8,7 +8,7 @@ to effcc's block-sparse Triton kernel, which reads only the kept blocks.  bf16, 
 median of triton.testing.do_bench.
 
 1. Layers: a dense K → N linear (cuBLAS, and under Inductor) against its iso-FLOP Sparse Wide
-   form K → N/d at density d (blocks 32×32 and 64×64): masked dense (cuBLAS on the wide matrix)
+   form K → N/d at density d (blocks 32×32, 64×64, 128×128): masked dense (cuBLAS on the wide matrix)
    and effcc's kernel.  iso-FLOP speed = dense time / effcc time (1.0: as fast as dense at
    equal FLOPs); skip speedup = masked dense time / effcc time.
 2. A model: GPT-2 shapes (d=1024, 4 layers, 8×512 tokens) with sparse_ift `wide` and `parallel`
@@ -51,8 +51,8 @@ def layer_rows(quick: bool, deadline: float) -> list[dict]:
     for k, n in shapes:
         dense_w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) / k**0.5
         for density in (0.25,) if quick else (0.5, 0.25, 0.1):
-            wide = round(n / density / 64) * 64
-            for block in [(64, 64)] if quick else [(32, 32), (64, 64)]:
+            wide = round(n / density / 128) * 128
+            for block in [(64, 64)] if quick else [(32, 32), (64, 64), (128, 128)]:
                 mask = random_block_mask(wide, k, block, density)
                 w = (torch.randn(wide, k, device=DEVICE) / k**0.5 * mask).bfloat16()
                 packed = pack_blocks(w, mask, block)
