@@ -22,13 +22,15 @@ def test_passes_lists_one_line_each(capsys):
     assert any(line.startswith("fold_norm_affine") and "[exact]" in line for line in lines)
 
 
-@pytest.mark.parametrize("passes", ["fold_norm_affine", "quantize_w8a8", "real_to_complex,fairy2i:stages=2"])
+@pytest.mark.parametrize("passes", ["fold_norm_affine", "quantize_w8a8", "real_to_complex,fairy2i:stages=2", "sparse_ift:family='parallel'"])
 def test_optimize_a_factory_and_export(passes, tmp_path, capsys):
     out = tmp_path / "tiny.onnx"
     assert main(["optimize", "effcc.models:tiny_gpt", "--passes", passes, "--export", str(out)]) == 0
     text = " ".join(capsys.readouterr().out.split())  # undo the console's line wrapping
     assert out.exists()
-    against = "the original model" if passes == "fold_norm_affine" else "the rewritten (lossy) model"
+    against = {"fold_norm_affine": "the original model", "sparse_ift:family='parallel'": "the rewritten (iso_flop) model"}.get(
+        passes, "the rewritten (lossy) model"
+    )
     assert passes.split(",")[-1].split(":")[0] in text and f"ONNX Runtime vs {against}" in text
 
 

@@ -101,7 +101,8 @@ class SparseIFT(Pass):
         self._allocate(plans, positions)
         generator = torch.Generator().manual_seed(self.seed)
         for plan in plans:
-            _replace(new, plan.layer.module, self._build(plan, new.get_submodule(plan.layer.module), generator))
+            old = new.get_submodule(plan.layer.module)
+            _replace(new, plan.layer.module, self._build(plan, old, generator).train(old.training))
             log.change(plan.layer.module, _describe_plan(plan, self.block))
         for item in widened:
             _widen_norm_or_parameter(new, *item)
@@ -327,7 +328,7 @@ def _widen_norm_or_parameter(model: nn.Module, name: str, channels: int, fill: f
     else:
         raise EffccError(f"sparse_ift: cannot widen {name} ({type(old).__name__}): only BatchNorm and LayerNorm are known")
     like = next(t for t in (*old.parameters(), *old.buffers()) if t.is_floating_point())
-    _replace(model, name, new.to(device=like.device, dtype=like.dtype))
+    _replace(model, name, new.to(device=like.device, dtype=like.dtype).train(old.training))
 
 
 def _describe_plan(plan: Planned, block: tuple[int, int]) -> str:
