@@ -32,8 +32,10 @@ def _block_sparse_linear_kernel(
     M, N, K, stride_xm, stride_ym, M_BUCKET,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    row_block = tl.program_id(1)
+    # Row-blocks vary fastest: programs running together share one x tile, which stays in L2
+    # while the (smaller, sparse) weight streams past; token tiles fastest re-read x from HBM.
+    row_block = tl.program_id(0)
+    pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = row_block * BO + tl.arange(0, BO)
     offs_i = tl.arange(0, BI)
@@ -68,7 +70,7 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, row_offsets: torc
         return y.reshape(*lead, out_features)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), out_features // bo)
+        return (out_features // bo, triton.cdiv(m, meta["BLOCK_M"]))
 
     _block_sparse_linear_kernel[grid](
         x2, values, row_offsets, col_blocks, bias if bias is not None else values, y,
