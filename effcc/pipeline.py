@@ -51,18 +51,19 @@ def run_module_passes(model: nn.Module, passes: list[Pass], args: tuple, kwargs:
     Their guarantee is FLOPs, so that is what is checked: the forward FLOPs on the example
     inputs before and after each, which may differ only by the rounding the pass declares."""
     results = []
+    before = count_flops(model, args, kwargs) if passes else 0
     for p in passes:
         start = time.perf_counter()
         log = SiteLog()
         new = p.transform(model, args, kwargs, log)
-        before, after = count_flops(model, args, kwargs), count_flops(new, args, kwargs)
+        after = count_flops(new, args, kwargs)
         if p.guarantee is Guarantee.ISO_FLOP and abs(after - before) > p.flop_slack:
             raise VerificationError(
                 f"pass {p.name!r} changed the forward FLOPs of {type(model).__name__} from {before:,} to {after:,}, more than "
                 f"the {p.flop_slack:,} its rounding allows. This is a bug in effcc; please report it with the model."
             )
         results.append(PassResult(p.name, p.guarantee, log.changed, log.skipped, None, None, time.perf_counter() - start, (before, after)))
-        model = new
+        model, before = new, after
     return model, results
 
 

@@ -105,7 +105,7 @@ class SparseIFT(Pass):
             _replace(new, plan.layer.module, self._build(plan, old, generator).train(old.training))
             log.change(plan.layer.module, _describe_plan(plan, self.block))
         for item in widened:
-            _widen_norm_or_parameter(new, *item)
+            _widen(new, *item)
         return new
 
     def _select(self, layers: list[Layer], graph: fx.Graph, log: SiteLog) -> list[Layer]:
@@ -179,7 +179,7 @@ class SparseIFT(Pass):
     def _allocate(self, plans: list[Planned], positions: dict) -> None:
         budget = sum(positions[p.layer.module].dense_flops for p in plans)
         budget -= sum(piece.spec.weights * p.flops_per_weight for p in plans for piece in p.pieces if not piece.sparse)
-        demands = [masks.Demand(_shape(piece.spec), p.flops_per_weight, self.block) for p in plans for piece in p.pieces if piece.sparse]
+        demands = [masks.Demand(piece.spec.weight_shape, p.flops_per_weight, self.block) for p in plans for piece in p.pieces if piece.sparse]
         if budget <= 0:
             raise EffccError(f"sparse_ift: the dense parts of the {self.family} layers alone exceed the dense model's FLOPs")
         kept = iter(masks.allocate(demands, budget, self.init))
@@ -301,34 +301,35 @@ def _multiple(block: tuple[int, int], channels: int) -> int:
     return 8 if channels % 8 == 0 and channels >= 64 else 1
 
 
-def _shape(spec) -> tuple[int, ...]:
-    return (spec.out_features, spec.in_features, *spec.kernel_size) if spec.kind == "conv2d" else (spec.out_features, spec.in_features)
-
-
 # ---- module surgery ---------------------------------------------------------------------------------
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def _widen_norm_or_parameter(model: nn.Module, name: str, channels: int, fill: float | None = None) -> None:
-    """Give a BatchNorm / LayerNorm (or a per-channel parameter) `channels` channels, freshly initialised."""
-    if fill is not None:
-        owner, _, leaf = name.rpartition(".")
-        old = getattr(model.get_submodule(owner) if owner else model, leaf)
-        shape = [channels if s > 1 else 1 for s in old.shape]
-        value = torch.full(shape, fill, dtype=old.dtype, device=old.device)
-        setattr(model.get_submodule(owner) if owner else model, leaf, nn.Parameter(value) if isinstance(old, nn.Parameter) else value)
-        return
-    old = model.get_submodule(name)
+def _widen(model: nn.Module, name: str, channels: int, fill: float | None) -> None:
+    """Give a per-channel parameter (filled with `fill`) or a norm module (`fill` None) `channels` channels."""
+    owner, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(owner) if owner else model
+    old = getattr(parent, leaf)
+    setattr(parent, leaf, _widened_norm(old, channels) if fill is None else _widened_parameter(old, channels, fill))
+
+
+def _widened_parameter(old: torch.Tensor, channels: int, fill: float) -> torch.Tensor:
+    value = torch.full([channels if s > 1 else 1 for s in old.shape], fill, dtype=old.dtype, device=old.device)
+    return nn.Parameter(value) if isinstance(old, nn.Parameter) else value
+
+
+def _widened_norm(old: nn.Module, channels: int) -> nn.Module:
+    """A fresh BatchNorm / LayerNorm like `old` over `channels` channels."""
     if isinstance(old, nn.modules.batchnorm._BatchNorm):
         new = type(old)(channels, old.eps, old.momentum, old.affine, old.track_running_stats)
     elif isinstance(old, nn.LayerNorm):
         new = nn.LayerNorm(channels, old.eps, old.elementwise_affine, bias=old.bias is not None)
     else:
-        raise EffccError(f"sparse_ift: cannot widen {name} ({type(old).__name__}): only BatchNorm and LayerNorm are known")
+        raise EffccError(f"sparse_ift: cannot widen {type(old).__name__}: only BatchNorm and LayerNorm are known")
     like = next(t for t in (*old.parameters(), *old.buffers()) if t.is_floating_point())
-    _replace(model, name, new.to(device=like.device, dtype=like.dtype).train(old.training))
+    return new.to(device=like.device, dtype=like.dtype).train(old.training)
 
 
 def _describe_plan(plan: Planned, block: tuple[int, int]) -> str:

@@ -90,22 +90,16 @@ def fold(module: nn.Module) -> nn.Module | None:
         spec, weight, bias = module.sparse.spec, _effective(module.sparse) + _compose(module.v, module.u), module.sparse.bias
     else:
         return None
-    like = next(module.parameters())
+    return _dense(spec, weight, bias, like=next(module.parameters()))
+
+
+def _dense(spec, weight: Tensor, bias: Tensor | None, like: Tensor) -> nn.Module:
+    """A plain nn.Linear / nn.Conv2d for `spec` holding `weight` and `bias`, in `like`'s dtype and device."""
     dense = dense_layer(spec, device=like.device, dtype=like.dtype)
     with torch.no_grad():
         dense.weight.copy_(weight)
         if bias is not None:
             dense.bias.copy_(bias)
-    return dense
-
-
-def _baked(layer: MaskedLayer) -> nn.Module:
-    """A plain layer holding W ⊙ M: the same math without multiplying by the mask on every call."""
-    dense = dense_layer(layer.spec, device=layer.weight.device, dtype=layer.weight.dtype)
-    with torch.no_grad():
-        dense.weight.copy_(layer.weight * layer.mask)
-        if layer.bias is not None:
-            dense.bias.copy_(layer.bias)
     return dense
 
 
@@ -124,10 +118,11 @@ def freeze(model: nn.Module) -> nn.Module:
         if replacement is None and isinstance(module, MaskedLayer):
             reason = why_not_frozen(module)
             if reason is None:
-                replacement = BlockSparseLinear(ops.pack_blocks(module.weight * module.mask, module.mask, module.block), module.bias)
+                # Only kept blocks are packed, and the mask is all ones inside them: no W ⊙ M needed.
+                replacement = BlockSparseLinear(ops.pack_blocks(module.weight, module.mask, module.block), module.bias)
             else:
                 log.info("effcc.sparsity.freeze: %s runs dense with W ⊙ M: %s", name, reason)
-                replacement = _baked(module)
+                replacement = _dense(module.spec, _effective(module), module.bias, like=module.weight)  # W ⊙ M baked in
         if replacement is not None:
             parent, _, leaf = name.rpartition(".")
             setattr(frozen.get_submodule(parent) if parent else frozen, leaf, replacement)

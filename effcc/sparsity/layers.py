@@ -43,6 +43,12 @@ class LayerSpec:
     def weights(self) -> int:
         return self.out_features * self.in_features * self.taps
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """[out, in] for a linear (nn.Linear's layout), [out, in, kh, kw] for a conv."""
+        base = (self.out_features, self.in_features)
+        return (*base, *self.kernel_size) if self.kind == "conv2d" else base
+
     def resized(self, in_features: int | None = None, out_features: int | None = None, *, bias: bool | None = None) -> LayerSpec:
         return replace(
             self,
@@ -91,7 +97,7 @@ class MaskedLayer(nn.Module):
         super().__init__()
         self.spec = spec
         self.block = tuple(block)
-        shape = (spec.out_features, spec.in_features, *spec.kernel_size) if spec.kind == "conv2d" else (spec.out_features, spec.in_features)
+        shape = spec.weight_shape
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype)) if spec.bias else None
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=device))

@@ -116,10 +116,10 @@ def _per_channel(node: fx.Node, axis: int, channels: int) -> bool:
     return val is not None and val.dim() >= -axis and int(val.shape[axis]) == channels and val.numel() == channels
 
 
-def _elementwise(node: fx.Node, value: fx.Node, axis: int, join, refuse, group: WidthGroup) -> None:
-    """`node` combines `value` channel by channel with its other operands: they join, or are per-channel constants."""
+def _join_operands(node: fx.Node, skip: fx.Node, axis: int, join, refuse, group: WidthGroup) -> None:
+    """`node` combines its operands channel by channel: those but `skip` join the group, or are per-channel constants."""
     for other in _operands(node):
-        if other is value:
+        if other is skip:
             continue
         size = _axis_size(other, axis)
         if other.op == "get_attr":
@@ -132,7 +132,6 @@ def _elementwise(node: fx.Node, value: fx.Node, axis: int, join, refuse, group: 
             join(other, axis)
         elif size not in (None, 1):
             refuse(node, "combines these channels with a tensor of another width")
-    join(node, axis, producer=False)
 
 
 def _producer_side(value: fx.Node, axis: int, join, refuse, group: WidthGroup) -> None:
@@ -149,11 +148,7 @@ def _producer_side(value: fx.Node, axis: int, join, refuse, group: WidthGroup) -
                 return refuse(value, "a reshape moves these channels")
             join(source, source_axis)
         if name in _ELEMENTWISE:
-            for other in _operands(value)[1:]:
-                if other.op == "get_attr" and _per_channel(other, axis, group.channels):
-                    group.parameters.append((other.target, 1.0 if name.startswith(("mul", "div")) else 0.0))
-                elif _axis_size(other, axis) == group.channels:
-                    join(other, axis)
+            _join_operands(value, source, axis, join, refuse, group)
         return None
     if name in ("batch_norm", "layer_norm", "native_layer_norm"):
         return _norm(value, axis, join, refuse, group)
@@ -175,7 +170,8 @@ def _user_side(value, user, axis, join, refuse, group, readers_of) -> None:
     if name == "_assert_tensor_metadata":
         return None
     if name in _ELEMENTWISE:
-        return _elementwise(user, value, axis, join, refuse, group)
+        _join_operands(user, value, axis, join, refuse, group)
+        return join(user, axis, producer=False)
     if name in _POOLS:
         return join(user, axis, producer=False)
     if name in _VIEWS or name == "mean":
