@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..distributed import full, local, local_part
 from ..errors import EffccError
 from . import blocks
 from .layers import MaskedLayer, masked_layers
@@ -93,13 +94,15 @@ class _Updater:
         if n == 0:
             return MaskUpdate(self.steps, name, 0, 0)
         # Block sums, not means: a partial edge block has fewer weights, so it ranks lower on both sides.
-        dropped = top_blocks(-blocks.block_sums(layer.weight.abs(), layer.block), kept, n)
+        # Under FSDP2 the weight is sharded: every rank scores the whole weight, so all choose the same blocks.
+        dropped = top_blocks(-blocks.block_sums(full(layer.weight).abs(), layer.block), kept, n)
         grown = top_blocks(self._grow_score(layer), candidates, n)
         new = (kept & ~dropped) | grown
         shape = layer.mask.shape
         grown_weights = blocks.expand(grown, shape, layer.block)
         # A grown connection starts from zero (RigL); a dropped one is zeroed so that regrowing it later starts there too.
-        layer.weight[grown_weights | blocks.expand(dropped, shape, layer.block)] = 0
+        zeroed = grown_weights | blocks.expand(dropped, shape, layer.block)
+        local(layer.weight)[local_part(layer.weight, zeroed)] = 0
         self._reset_optimizer_state(layer.weight, grown_weights)
         layer.mask.copy_(blocks.expand(new, shape, layer.block))
         return MaskUpdate(self.steps, name, n, n)
@@ -117,7 +120,7 @@ class _Updater:
         state = self.optimizer.state.get(weight, {}) if self.optimizer is not None else {}
         for value in state.values():
             if isinstance(value, Tensor) and value.shape == weight.shape:
-                value[where] = 0
+                local(value)[local_part(value, where)] = 0
 
     def state_dict(self) -> dict:
         # Plain tuples, so torch.load(weights_only=True) reads it back.
@@ -155,7 +158,7 @@ class RigL(_Updater):
             )
 
     def _grow_score(self, layer: MaskedLayer) -> Tensor:
-        return blocks.block_sums(layer.weight.grad.abs(), layer.block)
+        return blocks.block_sums(full(layer.weight.grad).abs(), layer.block)
 
 
 class SET(_Updater):
