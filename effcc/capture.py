@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.utils._pytree import tree_map
 
 from .errors import CaptureError
 from .program import Program
@@ -110,7 +111,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, *, dynami
             f"example_inputs must be a tuple of the model's positional arguments, got {type(args).__name__}; "
             "for one input write (x,)"
         )
-    kwargs = dict(kwargs or {})
+    # A view (ids[:2]) would be captured with guards on its base tensor's size, which no other input meets.
+    args, kwargs = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t, (args, dict(kwargs or {})))
     notes = []
     if any(m.training for m in model.modules()):
         notes.append("the model was in train mode: it was captured in eval mode (dropout off), its own mode is unchanged")

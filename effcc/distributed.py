@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+
 import torch
 from torch import fx, nn
 from torch.fx.passes.split_module import split_module
@@ -83,12 +84,12 @@ def block_partition(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], list[str]]:
 
 
 def split_into_blocks(gm: fx.GraphModule) -> fx.GraphModule:
-    """`gm` cut into submodules `blocks_0` (before), one per block, and a last one (after), same results.
+    """`gm` cut into submodules `submod_0` (before), one per block, and a last one (after), same results.
 
     Each submodule owns the tensors only it reads (same Parameter objects: nothing is copied);
     tensors read by several stay on the root and are passed in."""
     part, blocks = block_partition(gm)
-    split = split_module(gm, None, lambda node: part[node], keep_original_order=True, partition_affix="blocks")
+    split = split_module(gm, None, lambda node: part[node], keep_original_order=True)
     split.graph._codegen = gm.graph._codegen  # the caller's input/output structure (a ModelOutput, kwargs)
     _move_private_tensors_into_partitions(split)
     split.recompile()
@@ -131,7 +132,7 @@ def _drop_unread(split: fx.GraphModule) -> None:
     """The root still registers the moved tensors under their old names; drop those no root node reads."""
     read = {n.target for n in split.graph.find_nodes(op="get_attr")}
     for name, _ in list(split.named_parameters(remove_duplicate=False)) + list(split.named_buffers(remove_duplicate=False)):
-        if name.startswith("submod_blocks_") or name in read:
+        if name.startswith("submod_") or name in read:
             continue
         path, _, leaf = name.rpartition(".")
         owner = split.get_submodule(path)
@@ -183,7 +184,10 @@ def shards_agree(tensors: dict[str, torch.Tensor]) -> list[str]:
     Collective: call it on every rank with the same names."""
     import torch.distributed as dist
 
-    digests = {name: hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for name, t in tensors.items()}
+    digests = {
+        name: hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        for name, t in tensors.items()
+    }
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, digests)
     return [name for name in tensors if len({rank[name] for rank in gathered}) > 1]

@@ -79,3 +79,12 @@ def test_cnn_capture_in_eval_mode_and_default_passes():
     assert all(not p.changed for p in res.passes)  # nothing to fold: no LayerNorm/RMSNorm
     with torch.no_grad():
         torch.testing.assert_close(res.model(images), model.eval()(images))
+
+
+def test_example_inputs_that_are_views_do_not_tie_the_capture_to_their_base():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=64, use_cache=False)).eval()
+    ids = torch.randint(0, 50, (8, 32))
+    res = effcc.optimize(model, (ids[:2, :16],), passes=[])  # a slice of a larger batch
+    torch.testing.assert_close(res.model(ids[:3]).logits, model(ids[:3]).logits)
