@@ -5,9 +5,10 @@
     torch.compile(model, backend="effcc")
 """
 
-from . import qat, sparsity
+from . import distributed, offload, qat, sparsity
 from .api import OptimizeResult, check_onnx, export_onnx, optimize, verify
 from .errors import CaptureError, EffccError, UnknownPassError, VerificationError
+from .offload import optimize_checkpoint
 from .passes import REGISTRY, Guarantee, Pass, register_pass
 from .prefix_grouping import SharedPrefixError, SharedPrefixModel, shared_prefix
 
@@ -25,17 +26,20 @@ __all__ = [
     "Guarantee",
     "OptimizeResult",
     "Pass",
+    "SharedPrefixError",
+    "SharedPrefixModel",
     "UnknownPassError",
     "VerificationError",
     "check_onnx",
+    "distributed",
     "export_onnx",
     "list_passes",
+    "offload",
     "optimize",
+    "optimize_checkpoint",
     "qat",
-    "sparsity",
     "register_pass",
     "shared_prefix",
-    "SharedPrefixError",
-    "SharedPrefixModel",
+    "sparsity",
     "verify",
 ]

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from rich.progress import Progress
 from torch import fx
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .analysis import describe
 from .errors import EffccError
+from .offload import StoreInterpreter
 from .program import Program
 
 
@@ -47,9 +48,9 @@ class ChannelStats:
             self.sample = rows if self.sample is None else torch.cat([self.sample, rows])
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watched: set[fx.Node], stats: dict, batch: int, keep_rows: int):
-        super().__init__(gm)
+class _Recorder(StoreInterpreter):
+    def __init__(self, program: Program, watched: set[fx.Node], stats: dict, batch: int, keep_rows: int):
+        super().__init__(program.gm, program.store)  # weights streamed from disk when the program has a store
         self.watched, self.stats, self.batch, self.keep_rows = watched, stats, batch, keep_rows
 
     def run_node(self, node: fx.Node):
@@ -87,7 +88,9 @@ def activation_stats(
         task = progress.add_task(description, total=len(batches))
         for i, batch in enumerate(batches):
             batch = batch if isinstance(batch, tuple) else (batch,)
+            if program.store is not None:
+                batch = tree_map(lambda t: t.to(program.store.device) if isinstance(t, torch.Tensor) else t, batch)
             flat, _ = tree_flatten(batch)
-            _Recorder(program.gm, watched, stats, i, keep_rows).run(*flat)
+            _Recorder(program, watched, stats, i, keep_rows).run(*flat)
             progress.advance(task)
     return stats

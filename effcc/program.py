@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_map
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Program:
     dynamic_shapes: object = None  # the torch.export spec the graph was captured with
     notes: list[str] = field(default_factory=list)  # facts about the capture worth reporting
     calibration: list | None = None  # batches (tuples of inputs) for passes that need activation statistics
+    store: object = None  # an offload.TensorStore when the tensors stay on disk (the graph holds meta placeholders)
 
     @property
     def graph(self) -> fx.Graph:
@@ -31,7 +33,10 @@ class Program:
     # ---- reading -------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor:
         module_path, _, leaf = name.rpartition(".")
-        return getattr(self.gm.get_submodule(module_path), leaf)
+        value = getattr(self.gm.get_submodule(module_path), leaf)
+        if self.store is not None and isinstance(value, torch.Tensor) and value.is_meta:
+            return self.store.load(name)
+        return value
 
     def tensor_of(self, node: fx.Node) -> torch.Tensor | None:
         """The tensor behind a `get_attr` node, or None for any other node."""
@@ -51,6 +56,9 @@ class Program:
         module = self.gm.get_submodule(module_path)
         old = getattr(module, leaf, None)
         value = value.detach()
+        if self.store is not None:  # to disk now; the graph keeps only shape and dtype
+            self.store.write(name, value)
+            value = torch.empty_like(value, device="meta")
         if isinstance(old, nn.Parameter) or old is None:
             requires_grad = old.requires_grad if old is not None else value.is_floating_point()
             setattr(module, leaf, nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point()))
@@ -94,7 +102,19 @@ class Program:
         from .capture import export
 
         self.recompile()
-        self.gm = export(self.gm, self.example_args, self.example_kwargs, self.dynamic_shapes).module()
+        args, kwargs = self.example_args, self.example_kwargs
+        if self.store is not None:  # the graph's tensors are meta placeholders: so must the inputs be
+            args, kwargs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        self.gm = export(self.gm, args, kwargs, self.dynamic_shapes).module()
+
+    def run_float64(self):
+        """The program's outputs on its example inputs, computed in float64 (weights streamed if on disk)."""
+        from .offload import run_stored
+        from .verify import run_float64
+
+        if self.store is not None:
+            return run_stored(self.gm, self.store, self.example_args, self.example_kwargs, float64=True)
+        return run_float64(self.gm, self.example_args, self.example_kwargs)
 
     def recompile(self) -> None:
         # call_module nodes (export's input guards) have no users but must stay.

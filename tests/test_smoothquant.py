@@ -137,15 +137,15 @@ def test_value_to_output_projection_site_with_grouped_query_attention():
 
 
 def test_channel_map_is_measured_not_assumed():
-    from effcc.analysis.channel_map import attention_sites, channel_map
+    from effcc.analysis.channel_map import attention_sites, channel_maps
 
     program = capture(build("llama", torch.float64), (token_ids(),))
     sites, refused = attention_sites(program.graph)
     assert len(sites) == 2 and not refused
-    mapping = channel_map(program.gm, sites[0], program.example_args)
     head_dim, kv_heads, heads = 8, 2, 4
     expected = torch.tensor([(h // (heads // kv_heads)) * head_dim + c for h in range(heads) for c in range(head_dim)])
-    assert torch.equal(mapping, expected)
+    for measured in (channel_maps(program.gm, sites[:1], program.example_args), channel_maps(program.gm, sites, program.example_args)):
+        assert all(torch.equal(mapping, expected) for mapping in measured)  # one site alone, or all in one run
     gpt2_sites, gpt2_refused = attention_sites(capture(build("gpt2"), (token_ids(),)).graph)
     assert not gpt2_sites and all("fused q/k/v" in why for _, why in gpt2_refused)
 

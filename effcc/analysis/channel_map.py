@@ -15,17 +15,30 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
+from ..offload import StoreInterpreter
 from ..verify import default_dtype, promote_graph_module, to_float64
 from .graph import IGNORED_READERS
 from .patterns import Linear, match_linear
 
 aten = torch.ops.aten
 _MOVES_DATA = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
-    aten.expand.default, aten.clone.default, aten.contiguous.default, aten.unsqueeze.default, aten.squeeze.dim,
-    aten.alias.default, aten.flatten.using_ints, aten.unflatten.int, aten.slice.Tensor, aten.select.int,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.expand.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.alias.default,
+    aten.flatten.using_ints,
+    aten.unflatten.int,
+    aten.slice.Tensor,
+    aten.select.int,
 }
 
 
@@ -63,35 +76,50 @@ def attention_sites(graph: fx.Graph) -> tuple[list[AttentionSite], list[tuple[fx
     return sites, refused
 
 
-class _ChannelNumbers(fx.Interpreter):
-    def __init__(self, gm, value_name: str, output_name: str):
-        super().__init__(gm)
-        self.value_name, self.output_name, self.seen = value_name, output_name, None
+class _ChannelNumbers(StoreInterpreter):
+    """Runs the graph with every watched V replaced by its channel numbers; keeps what reaches each output projection."""
+
+    def __init__(self, gm, sites: list[AttentionSite], store=None):
+        super().__init__(gm, store, float64=store is not None)
+        self.values = {site.value.node.name for site in sites}
+        self.outputs = {site.output.node.name for site in sites}
+        self.seen: dict[str, torch.Tensor] = {}
 
     def run_node(self, node):
-        if node.name == self.output_name:
-            self.seen = self.env[node.args[0]] if node.target is not aten.addmm.default else self.env[node.args[1]]
+        if node.name in self.outputs:
+            self.seen[node.name] = self.env[node.args[0]] if node.target is not aten.addmm.default else self.env[node.args[1]]
         result = super().run_node(node)
-        if node.name == self.value_name:  # every token carries its channel numbers: 0, 1, …, out − 1
-            result = torch.arange(result.shape[-1], dtype=torch.float64).expand_as(result).contiguous()
+        if node.name in self.values:  # every token carries its channel numbers: 0, 1, …, out − 1
+            result = torch.arange(result.shape[-1], dtype=torch.float64, device=result.device).expand_as(result).contiguous()
         return result
 
 
 @torch.no_grad()
-def channel_map(gm: fx.GraphModule, site: AttentionSite, args: tuple, kwargs: dict | None = None) -> torch.Tensor | None:
-    """m with o_in[j] = v_out[m[j]] for every input channel j of the output projection, or None."""
-    promoted = promote_graph_module(gm)
-    runner = _ChannelNumbers(promoted, site.value.node.name, site.output.node.name)
-    flat, _ = tree_flatten((to_float64(args), to_float64(kwargs or {})))
+def channel_maps(gm: fx.GraphModule, sites: list[AttentionSite], args: tuple, kwargs: dict | None = None, store=None) -> list:
+    """For each site, m with o_in[j] = v_out[m[j]] for every input channel j of its output projection, or None.
+
+    One run measures every site: a replaced V does not depend on what comes before it, and
+    attention averages identical rows into themselves whatever its weights.
+    store: where the graph's tensors are when they are not in it (offload.TensorStore)."""
+    promoted = promote_graph_module(gm) if store is None else gm  # a store promotes weights as it loads them
+    runner = _ChannelNumbers(promoted, sites, store)
+    inputs = (to_float64(args), to_float64(kwargs or {}))
+    if store is not None:
+        inputs = tree_map(lambda t: t.to(store.device) if isinstance(t, torch.Tensor) else t, inputs)
+    flat, _ = tree_flatten(inputs)
     with default_dtype(torch.float64):
         runner.run(*[a for a in flat if isinstance(a, torch.Tensor)])
-    if runner.seen is None:
+    return [_as_map(runner.seen.get(site.output.node.name)) for site in sites]
+
+
+def _as_map(seen: torch.Tensor | None) -> torch.Tensor | None:
+    if seen is None:
         return None
-    rows = runner.seen.reshape(-1, runner.seen.shape[-1])
+    rows = seen.reshape(-1, seen.shape[-1])
     mapping = rows[0].round()
     if not torch.allclose(rows, mapping.expand_as(rows), atol=1e-6) or mapping.min() < 0:
         return None
-    return mapping.long()
+    return mapping.long().cpu()
 
 
 @dataclass
@@ -118,7 +146,12 @@ def linear_pairs(graph: fx.Graph) -> tuple[list[LinearPair], list[tuple[fx.Node,
             pairs.append(LinearPair(first, second))
             continue
         between = source_of(second.input)
-        if between.op == "call_function" and between.args and isinstance(between.args[0], fx.Node) and match_linear(source_of(between.args[0])):
+        if (
+            between.op == "call_function"
+            and between.args
+            and isinstance(between.args[0], fx.Node)
+            and match_linear(source_of(between.args[0]))
+        ):
             op = getattr(between.target, "__name__", str(between.target))
             refused.append((node, f"its input comes from a linear through {op}, which a 1/s cannot pass exactly"))
     return pairs, refused

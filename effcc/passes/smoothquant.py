@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from ..analysis import Linear, Norm, describe, linears_reading, match_norm, real_users
-from ..analysis.channel_map import attention_sites, channel_map, linear_pairs
+from ..analysis.channel_map import attention_sites, channel_maps, linear_pairs
 from ..analysis.graph import IGNORED_READERS, is_transparent
 from ..calibrate import activation_stats
 from ..ops.quantized_linear import dequantize_int4, fake_quant_w8a8, quantize_weight_int4
@@ -108,8 +108,8 @@ class SmoothQuant(Pass):
         for attn, why in refused:
             log.skip(describe(attn), why)
         mapped = []
-        for site in sites:
-            mapping = channel_map(program.gm, site, program.example_args, program.example_kwargs)
+        maps = channel_maps(program.gm, sites, program.example_args, program.example_kwargs, program.store) if sites else []
+        for site, mapping in zip(sites, maps):
             if mapping is None:
                 log.skip(describe(site.attention), "could not show which V channel reaches which input of the output projection")
             else:
