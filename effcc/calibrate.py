@@ -36,15 +36,15 @@ class ChannelStats:
         return torch.maximum(self.max.abs(), self.min.abs())
 
     def update(self, value: torch.Tensor, keep_rows: int = 0) -> None:
-        self.max = torch.maximum(self.max, value.amax(dim=tuple(range(value.dim() - 1))))
-        self.min = torch.minimum(self.min, value.amin(dim=tuple(range(value.dim() - 1))))
+        self.max = torch.maximum(self.max, value.amax(dim=tuple(range(value.dim() - 1))).cpu())
+        self.min = torch.minimum(self.min, value.amin(dim=tuple(range(value.dim() - 1))).cpu())
         self.batches += 1
         self.keep(value, keep_rows)
 
     def keep(self, value: torch.Tensor, keep_rows: int) -> None:
         have = 0 if self.sample is None else self.sample.shape[0]
         if have < keep_rows:
-            rows = value.reshape(-1, value.shape[-1])[: keep_rows - have]
+            rows = value.reshape(-1, value.shape[-1])[: keep_rows - have].cpu()
             self.sample = rows if self.sample is None else torch.cat([self.sample, rows])
 
 
@@ -68,7 +68,7 @@ def record(stats: dict, node: fx.Node, value: torch.Tensor, batch: int, keep_row
         stats[node].update(wide, keep_rows)
     else:
         axes = tuple(range(wide.dim() - 1))
-        stats[node] = ChannelStats(wide.amax(dim=axes), wide.amin(dim=axes))
+        stats[node] = ChannelStats(wide.amax(dim=axes).cpu(), wide.amin(dim=axes).cpu())  # passes work on the host
         stats[node].keep(wide, keep_rows)
 
 

@@ -75,7 +75,7 @@ class Checkpoint:
             raise EffccError(f"no safetensors checkpoint at {path} (expected *.safetensors files or {INDEX})")
         self.path, self._open, self.where = path, {}, {}
         for file in files:
-            for key in self._handle(file).keys():
+            for key in self._handle(file).keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 self.where[key] = file
 
     def _handle(self, file: Path):

@@ -35,7 +35,7 @@ class Program:
         module_path, _, leaf = name.rpartition(".")
         value = getattr(self.gm.get_submodule(module_path), leaf)
         if self.store is not None and isinstance(value, torch.Tensor) and value.is_meta:
-            return self.store.load(name)
+            return self.store.load(name, device="cpu")  # passes do their arithmetic on the host; runs use the store's device
         return value
 
     def tensor_of(self, node: fx.Node) -> torch.Tensor | None:
