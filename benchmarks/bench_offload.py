@@ -1,9 +1,9 @@
 """SmoothQuant + W8A8 on a checkpoint larger than the GPU memory it is allowed: weights streamed.
 
-    python benchmarks/bench_offload.py [--layers 16] [--cap-gib 3] [--out benchmarks/results/offload_h100.json]
+    python benchmarks/bench_offload.py [--layers 12] [--cap-gib 3] [--out benchmarks/results/offload_h100.json]
 
 1. Writes a LLaMA-7B-shaped checkpoint (d=4096, MLP 11008, vocab 32000; --layers of them) with
-   random bf16 weights as safetensors shards, tensor by tensor (never the whole model in memory).
+   random weights (float32 by default) as safetensors shards, tensor by tensor (never the whole model in memory).
 2. Caps this process's GPU memory below the model's size (torch.cuda.set_per_process_memory_fraction).
 3. Runs effcc.optimize_checkpoint(smoothquant α=0.5, quantize_w8a8) on the GPU with calibration
    batches: every pass is verified in float64 and calibrated, streaming one weight at a time.
@@ -29,17 +29,17 @@ import effcc
 from effcc.offload import INDEX, empty_weights
 
 
-def llama_7b_shape(layers: int):
+def llama_7b_shape(layers: int, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(num_hidden_layers=layers, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                          vocab_size=32000, max_position_embeddings=4096, use_cache=False)  # fmt: skip
     with empty_weights():
-        return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def write_random_checkpoint(model, folder: Path, device: str, shard_bytes: int = 2**31) -> int:
-    """Random bf16 weights for every parameter of `model` (on meta), written shard by shard; returns bytes."""
+    """Random weights for every parameter of `model` (on meta, in its dtype), written shard by shard; returns bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device).manual_seed(0)
     shard, size, total, weight_map, index = {}, 0, 0, {}, 0
@@ -58,12 +58,13 @@ def write_random_checkpoint(model, folder: Path, device: str, shard_bytes: int =
             value[:4] *= 20
         else:
             value = 0.02 * torch.randn(p.shape, generator=g, device=device)
-        value = value.to(torch.bfloat16).cpu()
-        if size and size + value.numel() * 2 > shard_bytes:
+        value = value.to(p.dtype).cpu()
+        nbytes = value.numel() * value.element_size()
+        if size and size + nbytes > shard_bytes:
             flush()
         shard[name] = value
-        size += value.numel() * 2
-        total += value.numel() * 2
+        size += nbytes
+        total += nbytes
     flush()
     (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     return total
@@ -71,22 +72,33 @@ def write_random_checkpoint(model, folder: Path, device: str, shard_bytes: int =
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--cap-gib", type=float, default=3.0, help="GPU memory this process may use")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per calibration batch")
     parser.add_argument("--batches", type=int, default=4, help="calibration batches")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights' dtype (bf16 re-rounds migrated weights: a deep random model drifts past the bf16 tolerance)",
+    )
     parser.add_argument("--out", default="benchmarks/results/offload.json")
     parser.add_argument("--work", help="folder for the checkpoints (default: a temporary one)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp())
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     row = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "layers": args.layers, "shape": "LLaMA-7B (d=4096, MLP 11008, vocab 32000)"}  # fmt: skip
+           "layers": args.layers, "dtype": args.dtype, "shape": "LLaMA-7B (d=4096, MLP 11008, vocab 32000)"}  # fmt: skip
 
-    model = llama_7b_shape(args.layers)
+    model = llama_7b_shape(args.layers, getattr(torch, args.dtype))
     start = time.perf_counter()
-    row["model_GiB"] = write_random_checkpoint(model, work / "ckpt", args.device) / 2**30
+    if (work / "ckpt" / INDEX).exists():  # written by an earlier run with --work
+        row["model_GiB"] = json.loads((work / "ckpt" / INDEX).read_text())["metadata"]["total_size"] / 2**30
+    else:
+        row["model_GiB"] = write_random_checkpoint(model, work / "ckpt", args.device) / 2**30
     row["write_checkpoint_s"] = time.perf_counter() - start
     print(json.dumps(row), flush=True)
 
