@@ -6,7 +6,9 @@
 Runs itself under torchrun twice, on 1 process and on --gpus processes, and prints the two side by side:
 1. A Pre-RMSNorm training step (AdamW, bf16) of a Pythia-1B-shaped GPT-NeoX (d=2048, 16 layers, parallel
    residual): the original model (LayerNorm, Hugging Face eager) and effcc's ln_to_rmsnorm(trainable)
-   graph, each cut into blocks and sharded by `effcc.distributed.fully_shard_blocks`.  Global batch
+   graph, run as ATen ops and with its norms lowered to effcc's Triton RMSNorm kernels (CUDA only);
+   each cut into blocks and sharded by `effcc.distributed.fully_shard_blocks`.  No torch.compile:
+   compiling each block under FSDP2 would compile every block's graph separately.  Global batch
    8 × 2048 tokens, split over the ranks.
 2. A shared-prefix GRPO step of a ~1.1B LLaMA-shaped decoder through `effcc.shared_prefix`: 4 groups of
    8 answers (prompt 1024, answers 256 tokens), the groups split over the ranks (data parallel).
@@ -31,6 +33,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import effcc
+from effcc.backends.triton.lowering import lower_rms_norms
 from effcc.distributed import fully_shard_blocks
 
 STEPS, WARMUP = 6, 2
@@ -113,10 +116,13 @@ def pre_rmsnorm_rows(args, device, rank, world) -> list[dict]:
     ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(1)).to(device)
     mine = ids[rank * batch // world : (rank + 1) * batch // world]
     rows = []
-    for variant in ("original", "effcc_pre_rmsnorm"):
+    variants = ("original", "effcc_pre_rmsnorm") + (("effcc_pre_rmsnorm_triton",) if device.type == "cuda" else ())
+    for variant in variants:
         model = pythia_like(args.tiny).to(device, torch.bfloat16).eval()  # eval: dropout off, as effcc captures
-        if variant == "effcc_pre_rmsnorm":
+        if variant.startswith("effcc_pre_rmsnorm"):
             model = effcc.optimize(model, (ids[:2, :16],), passes=[("ln_to_rmsnorm", {"trainable": True})]).model
+        if variant == "effcc_pre_rmsnorm_triton":  # effcc's fused RMSNorm (+bias) kernels, forward and backward
+            lower_rms_norms(model)
         if world > 1:
             model = fully_shard_blocks(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, token_ids
+from conftest import HF_MODELS, VOCAB, randomize_norms, token_ids
 
 import effcc
 from effcc.errors import EffccError
@@ -34,32 +34,32 @@ def llama_config():
                        vocab_size=VOCAB, max_position_embeddings=64, use_cache=False)  # fmt: skip
 
 
-def model_class(arch):
+def builder(arch):
+    """`arch` with LAYERS blocks (gpt2, llama), or conftest's 2-block model of that name."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-    return {"gpt2": (GPT2LMHeadModel, gpt2_config), "llama": (LlamaForCausalLM, llama_config)}[arch]
+    deep = {"gpt2": lambda: GPT2LMHeadModel(gpt2_config()), "llama": lambda: LlamaForCausalLM(llama_config())}
+    return deep.get(arch) or HF_MODELS[arch]
 
 
 def saved(arch, folder):
     """A random model of `arch` saved as a sharded checkpoint (several files), and the model itself."""
-    from conftest import randomize_norms
-
-    cls, config = model_class(arch)
     torch.manual_seed(0)
-    model = randomize_norms(cls(config())).eval()
-    model.save_pretrained(folder, max_shard_size="100KB")
+    model = randomize_norms(builder(arch)()).eval()
+    model.save_pretrained(folder, max_shard_size="20KB")
     return model
 
 
 def empty(arch):
-    cls, config = model_class(arch)
     with empty_weights():
-        return cls(config()).eval()
+        return builder(arch)().eval()
 
 
-CASES = {
+CASES = {  # fold, recentre, compress, smoothing (scale and shift), quantisation (int8 and int4)
     "gpt2": ["fold_norm_affine", "ln_to_rmsnorm"],
     "llama": [("smoothquant", {"alpha": 0.5}), "quantize_w8a8"],
+    "opt": ["os_plus", ("quantize_w4a16", {"group_size": 16})],
+    "bloom": ["ln_to_crmsnorm"],
 }
 
 
