@@ -19,6 +19,8 @@ examples:
   effcc passes                                list the passes, one line each
   effcc optimize effcc.models:tiny_gpt        run the default (exact) passes on a model from a factory
   effcc optimize mypkg.models:build --passes fold_norm_affine --export out.onnx
+  effcc optimize mypkg.models:build --passes ln_to_rmsnorm --weights ckpt/ --out ckpt-rms/ --device cuda
+                                              the same on a model larger than memory: weights streamed from ckpt/
 
 A factory is a function `pkg.module:name` that takes no arguments and returns
 (model, example_inputs), example_inputs being the tuple of positional arguments of
@@ -68,7 +70,9 @@ def cmd_passes(args, console: Console) -> int:
     width = max(map(len, REGISTRY))
     for name, cls in REGISTRY.items():
         default = " (default)" if cls.default else ""
-        console.print(f"{name:<{width}}  [{cls.guarantee}]{default}  {cls.summary}", highlight=False, markup=False, soft_wrap=True)
+        console.print(
+            f"{name:<{width}}  [{cls.guarantee}]{default}  {cls.summary}", highlight=False, markup=False, soft_wrap=True
+        )
     return 0
 
 
@@ -91,9 +95,32 @@ def optimise_and_export(model, example_inputs, passes, export: Path | None, veri
 
 
 def cmd_optimize(args, console: Console) -> int:
-    model, example_inputs = load_factory(args.target)
     passes = None if args.passes is None else [parse_pass(p) for p in args.passes.split(",") if p.strip()]
+    if args.weights is not None:
+        return optimise_checkpoint(args, passes, console)
+    if args.out is not None:
+        raise EffccError("--out is where --weights writes the rewritten checkpoint; give --weights too, or --export FILE.onnx")
+    model, example_inputs = load_factory(args.target)
     return optimise_and_export(model, example_inputs, passes, args.export, not args.no_verify, console)
+
+
+def optimise_checkpoint(args, passes, console: Console) -> int:
+    """--weights: the factory's model is built with its parameters on meta; they stream from the checkpoint."""
+    from .offload import empty_weights, optimize_checkpoint
+    from .passes import default_passes
+
+    if args.out is None or args.export is not None:
+        raise EffccError("with --weights, give --out DIR for the rewritten checkpoint (ONNX export needs the model in memory)")
+    with empty_weights():
+        model, example_inputs = load_factory(args.target)
+    passes = passes if passes is not None else [p.name for p in default_passes()]
+    with console.status(f"rewriting, weights streamed from {args.weights}"):
+        result = optimize_checkpoint(
+            model, args.weights, example_inputs, passes, out=args.out, device=args.device, verify=not args.no_verify
+        )
+    console.print(result.report)
+    console.print(f"wrote the rewritten weights to {args.out}", highlight=False)
+    return 0
 
 
 def cmd_demo(args, console: Console) -> int:
@@ -101,7 +128,9 @@ def cmd_demo(args, console: Console) -> int:
 
     model, example_inputs = tiny_gpt()
     out = args.out or Path(tempfile.mkdtemp(prefix="effcc-demo-"))
-    console.print(f"TinyGPT (Pre-LN, {sum(p.numel() for p in model.parameters()):,} parameters), ids {tuple(example_inputs[0].shape)}")
+    console.print(
+        f"TinyGPT (Pre-LN, {sum(p.numel() for p in model.parameters()):,} parameters), ids {tuple(example_inputs[0].shape)}"
+    )
     return optimise_and_export(model, example_inputs, None, out / "tiny_gpt.onnx", True, console)
 
 
@@ -117,11 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"effcc {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="command")
     commands.add_parser("passes", help="list registered passes").set_defaults(run=cmd_passes)
-    opt = commands.add_parser("optimize", help="optimise a model built by a factory function", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    opt = commands.add_parser(
+        "optimize",
+        help="optimise a model built by a factory function",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     opt.add_argument("target", help="factory as pkg.module:function returning (model, example_inputs)")
     opt.add_argument("--passes", help="comma-separated passes, in order (default: the exact default passes)")
-    opt.add_argument("--export", type=Path, metavar="FILE.onnx", help="also export the result to ONNX and check it in ONNX Runtime")
+    opt.add_argument(
+        "--export", type=Path, metavar="FILE.onnx", help="also export the result to ONNX and check it in ONNX Runtime"
+    )
     opt.add_argument("--no-verify", action="store_true", help="skip the float64 verification after each pass")
+    opt.add_argument(
+        "--weights",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="a safetensors file or sharded folder: the factory's model is "
+        "built without weights and they are streamed from here (for models larger than memory)",
+    )
+    opt.add_argument(
+        "--out", type=Path, metavar="DIR", help="with --weights: folder for the rewritten weights (safetensors shards)"
+    )
+    opt.add_argument("--device", default="cpu", help="with --weights: where calibration and checks run (cpu, cuda)")
     opt.set_defaults(run=cmd_optimize)
     demo = commands.add_parser("demo", help="optimise the bundled TinyGPT, export to ONNX, run it in ONNX Runtime")
     demo.add_argument("--out", type=Path, help="folder for tiny_gpt.onnx (default: a new temporary folder)")

@@ -62,7 +62,9 @@ def run_module_passes(model: nn.Module, passes: list[Pass], args: tuple, kwargs:
                 f"pass {p.name!r} changed the forward FLOPs of {type(model).__name__} from {before:,} to {after:,}, more than "
                 f"the {p.flop_slack:,} its rounding allows. This is a bug in effcc; please report it with the model."
             )
-        results.append(PassResult(p.name, p.guarantee, log.changed, log.skipped, None, None, time.perf_counter() - start, (before, after)))
+        results.append(
+            PassResult(p.name, p.guarantee, log.changed, log.skipped, None, None, time.perf_counter() - start, (before, after))
+        )
         model, before = new, after
     return model, results
 
@@ -101,7 +103,9 @@ def run_passes(model: nn.Module, program: Program, passes: list[Pass], *, verify
         log = apply_pass(program, p)
         comparison = _check(program, reference) if verify else None
         rtol = p.rtol(dtype)
-        report.passes.append(PassResult(p.name, p.guarantee, log.changed, log.skipped, comparison, rtol, time.perf_counter() - start))
+        report.passes.append(
+            PassResult(p.name, p.guarantee, log.changed, log.skipped, comparison, rtol, time.perf_counter() - start)
+        )
         if comparison is not None and not comparison.within(rtol):
             raise VerificationError(
                 f"pass {p.name!r} changed what {type(model).__name__} computes: {comparison}, above its tolerance "
@@ -119,7 +123,9 @@ def _run(what: str, program: Program, eager_model: nn.Module | None = None):
         return program.run_float64()
     except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CaptureError(f"{what}: {type(error).__name__}: {first[:300]}. Are the example inputs what the model takes?") from error
+        raise CaptureError(
+            f"{what}: {type(error).__name__}: {first[:300]}. Are the example inputs what the model takes?"
+        ) from error
 
 
 def _check(program: Program, reference) -> Comparison:

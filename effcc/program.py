@@ -126,7 +126,9 @@ class Program:
     def drop_unread_tensors(self) -> None:
         """Forget stored tensors no node reads any more (a weight replaced by its quantised form)."""
         read = {node.target for node in self.graph.find_nodes(op="get_attr")}
-        for name, _ in list(self.gm.named_parameters(remove_duplicate=False)) + list(self.gm.named_buffers(remove_duplicate=False)):
+        for name, _ in list(self.gm.named_parameters(remove_duplicate=False)) + list(
+            self.gm.named_buffers(remove_duplicate=False)
+        ):
             if name not in read:
                 module_path, _, leaf = name.rpartition(".")
                 module = self.gm.get_submodule(module_path)

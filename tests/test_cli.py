@@ -22,7 +22,9 @@ def test_passes_lists_one_line_each(capsys):
     assert any(line.startswith("fold_norm_affine") and "[exact]" in line for line in lines)
 
 
-@pytest.mark.parametrize("passes", ["fold_norm_affine", "quantize_w8a8", "real_to_complex,fairy2i:stages=2", "sparse_ift:family='parallel'"])
+@pytest.mark.parametrize(
+    "passes", ["fold_norm_affine", "quantize_w8a8", "real_to_complex,fairy2i:stages=2", "sparse_ift:family='parallel'"]
+)
 def test_optimize_a_factory_and_export(passes, tmp_path, capsys):
     out = tmp_path / "tiny.onnx"
     assert main(["optimize", "effcc.models:tiny_gpt", "--passes", passes, "--export", str(out)]) == 0
@@ -63,3 +65,17 @@ def test_console_script_demo_runs(tmp_path):
     text = " ".join(done.stdout.split())
     assert "ONNX Runtime vs the original model" in text and "fold_norm_affine" in text
     assert "Traceback" not in done.stderr
+
+
+def test_optimize_with_weights_streamed_from_a_checkpoint(tmp_path, capsys):
+    from safetensors.torch import save_model
+
+    from effcc.models import tiny_gpt
+
+    model, _ = tiny_gpt()
+    save_model(model, str(tmp_path / "tiny.safetensors"))  # the factory's model, saved: what --weights reads
+    argv = ["optimize", "effcc.models:tiny_gpt", "--passes", "fold_norm_affine", "--weights", str(tmp_path / "tiny.safetensors")]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "fold_norm_affine" in text and "streamed" in text and (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert main(argv) == 2 and "--out DIR" in capsys.readouterr().err

@@ -39,3 +39,11 @@ def test_the_sparse_ift_example_runs():
     assert count_flops(sparse, (scope["images"],)) == after  # RigL moved masks, not FLOPs
     assert any(moved for *_, moved in rigl.history)
     assert not effcc.sparsity.masked_layers(scope["fast"])
+
+
+def test_the_models_larger_than_memory_example_runs():
+    scope = run_example("#### Models larger than memory")
+    res, ids = scope["res"], scope["ids"]
+    assert [p.name for p in res.passes] == ["fold_norm_affine", "ln_to_rmsnorm"] and all(p.changed for p in res.passes)
+    reference = scope["GPT2LMHeadModel"].from_pretrained("/tmp/gpt2-ckpt").eval()
+    assert effcc.verify(reference, scope["rewritten"], (ids,)).within(1e-4)
