@@ -40,11 +40,14 @@ STEPS, WARMUP = 6, 2
 
 
 # ---- the models -------------------------------------------------------------------------------------
+TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "vocab_size": 512}
+
+
 def pythia_like(tiny: bool):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     size = (
-        {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "vocab_size": 512}
+        TINY
         if tiny
         else {
             "num_hidden_layers": 16,
@@ -62,7 +65,7 @@ def llama_like(tiny: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     size = (
-        {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 512}
+        TINY
         if tiny
         else {
             "num_hidden_layers": 16,
@@ -109,6 +112,17 @@ def everywhere(value: float, op) -> float:
     return t.item() if op == "max" else t.item() / dist.get_world_size()
 
 
+def measured_on_every_rank(row: dict, step, device) -> dict:
+    """`row` with the step's figures: the slowest rank's time, the busiest rank's memory, the mean loss."""
+    row.update(measure(step, device))
+    row["step_ms"] = everywhere(row["step_ms"], "max")
+    row["first_loss"] = everywhere(row["first_loss"], "mean")
+    if row["peak_GiB"] is not None:
+        row["peak_GiB"] = everywhere(row["peak_GiB"], "max")
+    row["tokens_per_s"] = row["tokens_per_step"] / row["step_ms"] * 1e3
+    return row
+
+
 # ---- 1. Pre-RMSNorm training step ----------------------------------------------------------------------
 def pre_rmsnorm_rows(args, device, rank, world) -> list[dict]:
     batch, tokens = (8, 128) if args.tiny else (8, 2048)
@@ -136,13 +150,7 @@ def pre_rmsnorm_rows(args, device, rank, world) -> list[dict]:
             return loss.item()
 
         row = {"workload": "pre_rmsnorm_train_step", "variant": variant, "ranks": world, "tokens_per_step": batch * tokens}
-        row.update(measure(step, device))
-        row["step_ms"] = everywhere(row["step_ms"], "max")
-        row["first_loss"] = everywhere(row["first_loss"], "mean")
-        if row["peak_GiB"] is not None:
-            row["peak_GiB"] = everywhere(row["peak_GiB"], "max")
-        row["tokens_per_s"] = row["tokens_per_step"] / row["step_ms"] * 1e3
-        rows.append(row)
+        rows.append(measured_on_every_rank(row, step, device))
         del model, optimizer, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -176,13 +184,7 @@ def grouped_rows(args, device, rank, world) -> list[dict]:
 
     row = {"workload": "shared_prefix_grpo_step", "variant": "effcc_shared_prefix", "ranks": world,
            "tokens_per_step": groups * (prefix_len + answers * suffix_len)}  # fmt: skip
-    row.update(measure(step, device))
-    row["step_ms"] = everywhere(row["step_ms"], "max")
-    row["first_loss"] = everywhere(row["first_loss"], "mean")
-    if row["peak_GiB"] is not None:
-        row["peak_GiB"] = everywhere(row["peak_GiB"], "max")
-    row["tokens_per_s"] = row["tokens_per_step"] / row["step_ms"] * 1e3
-    return [row]
+    return [measured_on_every_rank(row, step, device)]
 
 
 # ---- driver --------------------------------------------------------------------------------------------
