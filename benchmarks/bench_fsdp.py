@@ -6,7 +6,8 @@
 Runs itself under torchrun twice, on 1 process and on --gpus processes, and prints the two side by side:
 1. A Pre-RMSNorm training step (AdamW, bf16) of a Pythia-1B-shaped GPT-NeoX (d=2048, 16 layers, parallel
    residual): the original model (LayerNorm, Hugging Face eager) and effcc's ln_to_rmsnorm(trainable)
-   graph, run as ATen ops and with its norms lowered to effcc's Triton RMSNorm kernels (CUDA only);
+   graph run as ATen ops, and the same with causal_attention (the traced causal mask → is_causal, so
+   SDPA takes its flash kernel) and its norms on effcc's Triton RMSNorm kernels (CUDA only);
    each cut into blocks and sharded by `effcc.distributed.fully_shard_blocks`.  No torch.compile:
    compiling each block under FSDP2 would compile every block's graph separately.  Global batch
    8 × 2048 tokens, split over the ranks.
@@ -130,13 +131,17 @@ def pre_rmsnorm_rows(args, device, rank, world) -> list[dict]:
     ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(1)).to(device)
     mine = ids[rank * batch // world : (rank + 1) * batch // world]
     rows = []
-    variants = ("original", "effcc_pre_rmsnorm") + (("effcc_pre_rmsnorm_triton",) if device.type == "cuda" else ())
-    for variant in variants:
+    passes = {  # variant → effcc passes (and whether its norms go to effcc's Triton kernels)
+        "original": None,
+        "effcc_pre_rmsnorm": ([("ln_to_rmsnorm", {"trainable": True})], False),
+        "effcc_pre_rmsnorm_causal": ([("ln_to_rmsnorm", {"trainable": True}), "causal_attention"], device.type == "cuda"),
+    }
+    for variant, chosen in passes.items():
         model = pythia_like(args.tiny).to(device, torch.bfloat16).eval()  # eval: dropout off, as effcc captures
-        if variant.startswith("effcc_pre_rmsnorm"):
-            model = effcc.optimize(model, (ids[:2, :16],), passes=[("ln_to_rmsnorm", {"trainable": True})]).model
-        if variant == "effcc_pre_rmsnorm_triton":  # effcc's fused RMSNorm (+bias) kernels, forward and backward
-            lower_rms_norms(model)
+        if chosen is not None:
+            model = effcc.optimize(model, (ids[:2, :16],), passes=chosen[0]).model
+            if chosen[1]:  # effcc's fused RMSNorm (+bias) kernels, forward and backward
+                lower_rms_norms(model)
         if world > 1:
             model = fully_shard_blocks(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)

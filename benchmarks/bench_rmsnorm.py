@@ -8,7 +8,8 @@
 2. Models, one process, median of triton.testing.do_bench: eager, Inductor on the original
    Pre-LN model, effcc (default passes: fold_norm_affine + ln_to_rmsnorm, norms on effcc
    kernels) and effcc without the kernels; forward under no_grad and a training step
-   (forward + backward of the LM loss).  Shapes: GPT-2-medium (24×1024, 8×1024 tokens),
+   (forward + backward of the LM loss); also causal_attention alone and with ln_to_rmsnorm
+   (the causal mask as is_causal, flash kernels).  Shapes: GPT-2-medium (24×1024, 8×1024 tokens),
    ViT-L/16 (forward), and a narrow long-sequence decoder (d=512, 4×4096 tokens).
 """
 
@@ -103,15 +104,18 @@ def _output(out):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def model_rows(name, model, inputs, train: bool) -> list[dict]:
+def model_rows(name, model, inputs, train: bool, only=None) -> list[dict]:
     model.eval()  # dropout is 0 anyway; eval keeps the graphs the same
     reference = None
     rows = []
     crmsnorm = {"passes": ["fold_norm_affine", "ln_to_crmsnorm"]}
+    rms_causal = {"passes": ["fold_norm_affine", "ln_to_rmsnorm", "causal_attention"]}  # training keeps ln_to_rmsnorm, causal_attention
     variants = [  # (label, compiled model, whether it trains)
         ("eager", lambda: model, True),
         ("inductor", lambda: torch.compile(model, backend="inductor"), True),
         ("effcc", lambda: torch.compile(model, backend="effcc"), True),
+        ("effcc causal_attention", lambda: torch.compile(model, backend="effcc", options={"passes": ["causal_attention"]}), True),
+        ("effcc rmsnorm+causal", lambda: torch.compile(model, backend="effcc", options=rms_causal), True),
         ("effcc, no kernels", lambda: torch.compile(model, backend="effcc", options={"kernels": False}), True),
         # Pre-CRMSNorm: the stream is d-1 wide (inference only: its weights are rewritten as constants)
         ("effcc crmsnorm", lambda: torch.compile(model, backend="effcc", options=crmsnorm), False),
@@ -119,6 +123,8 @@ def model_rows(name, model, inputs, train: bool) -> list[dict]:
     ]
     torch._functorch.config.donated_buffer = True  # whole training steps run as they would for a user
     for label, make, trains in variants:
+        if only and label not in only and label != "inductor":
+            continue
         torch._dynamo.reset()
         fn = make()
         with torch.no_grad():
@@ -156,6 +162,7 @@ def main():
     parser.add_argument("--models", default="gpt2-medium,vit-l16,narrow-long", help="comma-separated; 'none' for kernels only")
     parser.add_argument("--no-kernel-rows", action="store_true", help="skip the kernel bandwidth table")
     parser.add_argument("--no-train", action="store_true", help="forward only")
+    parser.add_argument("--variants", help="comma-separated variant labels to run (Inductor always runs: the baseline)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rmsnorm.json")
     args = parser.parse_args()
     import logging
@@ -174,7 +181,7 @@ def main():
     for key in [k for k in args.models.split(",") if k != "none"]:
         name, model, inputs, train = makers[key]()
         train = train and not args.no_train
-        result["models"] += model_rows(name, model, inputs, train)
+        result["models"] += model_rows(name, model, inputs, train, only=args.variants.split(",") if args.variants else None)
         del model
         torch.cuda.empty_cache()
         args.out.parent.mkdir(parents=True, exist_ok=True)

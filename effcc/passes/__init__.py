@@ -45,4 +45,6 @@ def default_passes() -> list[Pass]:
 # Importing the pass modules registers them.
 from . import fairy2i, fold_norm_affine, ln_to_crmsnorm, ln_to_rmsnorm, os_plus, quantize, real_to_complex, smoothquant, sparse_ift  # noqa: E402,F401
 
+from . import causal_attention  # noqa: E402,F401 - registered last: defaults run in registration order
+
 __all__ = ["Guarantee", "Pass", "REGISTRY", "Site", "SiteLog", "default_passes", "make_pass", "register_pass"]
