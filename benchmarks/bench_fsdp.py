@@ -21,6 +21,7 @@ data on 1 and N ranks, so it must agree to bf16 rounding).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -90,7 +91,9 @@ def measure(step, device) -> dict:
     """Median step time over STEPS after WARMUP, peak memory, and the first step's loss."""
     import time
 
+    gc.collect()  # what building the variant left behind (effcc's float64 checks) is not the step's
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     losses, times = [], []
     for i in range(WARMUP + STEPS):

@@ -57,6 +57,7 @@ class Pass:
     default: ClassVar[bool] = False  # run by torch.compile(backend="effcc") / optimize() with no passes named
     rewrites_tensors: ClassVar[bool] = True  # needs parameter values as constants (inference only under torch.compile)
     rewrites_modules: ClassVar[bool] = False  # changes the nn.Module itself (transform), before capture
+    pays_in_training: ClassVar[bool] = False  # run by default on training graphs under torch.compile (measured faster)
 
     def transform(self, model, args: tuple, kwargs: dict, log: SiteLog):
         """For passes that rewrite modules: a new model (the given one untouched)."""

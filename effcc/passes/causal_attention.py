@@ -40,6 +40,7 @@ class CausalAttention(Pass):
     guarantee = Guarantee.EXACT
     default = True
     rewrites_tensors = False  # no weight changes: applies to training graphs too
+    pays_in_training = True  # GPT-2-medium on an H100: training step 1.12x over Inductor (README)
 
     def apply(self, program: Program, log: SiteLog) -> None:
         sites = [
