@@ -45,40 +45,33 @@ STEPS, WARMUP = 6, 2
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "vocab_size": 512}
 
 
+def size(tiny: bool, intermediate: int, heads: int, vocab: int) -> dict:
+    """TINY, or a ~1B decoder: 16 layers of width 2048."""
+    full = {
+        "num_hidden_layers": 16,
+        "hidden_size": 2048,
+        "intermediate_size": intermediate,
+        "num_attention_heads": heads,
+        "vocab_size": vocab,
+    }
+    return TINY if tiny else full
+
+
 def pythia_like(tiny: bool):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    size = (
-        TINY
-        if tiny
-        else {
-            "num_hidden_layers": 16,
-            "hidden_size": 2048,
-            "intermediate_size": 8192,
-            "num_attention_heads": 8,
-            "vocab_size": 50304,
-        }
-    )
     torch.manual_seed(0)
-    return GPTNeoXForCausalLM(GPTNeoXConfig(**size, use_parallel_residual=True, use_cache=False, max_position_embeddings=4096))
+    config = GPTNeoXConfig(
+        **size(tiny, 8192, 8, 50304), use_parallel_residual=True, use_cache=False, max_position_embeddings=4096
+    )
+    return GPTNeoXForCausalLM(config)
 
 
 def llama_like(tiny: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    size = (
-        TINY
-        if tiny
-        else {
-            "num_hidden_layers": 16,
-            "hidden_size": 2048,
-            "intermediate_size": 5632,
-            "num_attention_heads": 16,
-            "vocab_size": 32000,
-        }
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**size, max_position_embeddings=8192, use_cache=False))
+    return LlamaForCausalLM(LlamaConfig(**size(tiny, 5632, 16, 32000), max_position_embeddings=8192, use_cache=False))
 
 
 # ---- timing -----------------------------------------------------------------------------------------

@@ -87,7 +87,8 @@ def split_into_blocks(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` cut into submodules `submod_0` (before), one per block, and a last one (after), same results.
 
     Each submodule owns the tensors only it reads (same Parameter objects: nothing is copied);
-    tensors read by several stay on the root and are passed in."""
+    tensors read by several stay on the root and are passed in.  `effcc_original_names` maps
+    the moved tensors' new names (submod_1.model_layers_0_mlp_up_proj_weight) to the model's."""
     part, blocks = block_partition(gm)
     split = split_module(gm, None, lambda node: part[node], keep_original_order=True)
     split.graph._codegen = gm.graph._codegen  # the caller's input/output structure (a ModelOutput, kwargs)
@@ -98,7 +99,10 @@ def split_into_blocks(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _move_private_tensors_into_partitions(split: fx.GraphModule) -> None:
-    """split_module passes every tensor in as an argument; move each one read by one partition into it."""
+    """split_module passes every tensor in as an argument; move each one read by one partition into it.
+
+    `split.effcc_original_names` maps each moved tensor's new name to the model's (for checkpoints)."""
+    split.effcc_original_names = {}
     for attr in list(split.graph.find_nodes(op="get_attr")):
         calls = list(attr.users)
         if len(calls) != 1 or calls[0].op != "call_module":
@@ -109,6 +113,7 @@ def _move_private_tensors_into_partitions(split: fx.GraphModule) -> None:
         placeholder = [n for n in sub.graph.nodes if n.op == "placeholder"][index]
         tensor = split.get_parameter(attr.target) if _is_parameter(split, attr.target) else split.get_buffer(attr.target)
         leaf = attr.target.replace(".", "_")
+        split.effcc_original_names[f"{call.target}.{leaf}"] = attr.target
         if isinstance(tensor, nn.Parameter):
             sub.register_parameter(leaf, tensor)
         else:

@@ -176,6 +176,9 @@ def test_split_graph_gives_the_same_outputs_and_gradients(arch):
     assert split.effcc_blocks == [name for name, _ in effcc.distributed.repeated_blocks(model)]
     # each block's tensors now belong to its submodule; the same Parameter objects, none copied
     assert {id(p) for p in split.parameters()} == {id(p) for p in gm.parameters()}
+    originals = dict(gm.named_parameters())
+    for name, p in split.named_parameters():  # every tensor's name in the model is known
+        assert originals[split.effcc_original_names.get(name, name)] is p, name
     blocks = [m for name, m in split.named_children() if name.startswith("submod_")][1:-1]
     assert len(blocks) == len(split.effcc_blocks) and all(any(True for _ in b.parameters()) for b in blocks)
     ref = gm(ids).logits
