@@ -1,10 +1,11 @@
 """RMSNorm Triton kernels: forward (optionally fused with the residual add) and backward.
 
-One program normalises one row in registers (the whole feature vector fits: BLOCK is the
-next power of two of the width), so each element of x is read once and y written once:
-the kernel is bound by memory bandwidth, which is what the benchmark holds it to.
-The backward computes dx per row and accumulates dγ, dβ per program over a slice of
-rows (one partial sum per program, summed afterwards), so no atomics are needed.
+A program normalises a tile of whole rows in registers (BLOCK is the next power of two of
+the width; narrow rows are taken several at a time), so each element of x is read once and
+y written once: the kernel is bound by memory bandwidth, which the benchmark holds it to.
+The backward walks a slice of rows, several per step so that enough loads are in flight,
+computes dx per row and accumulates dγ, dβ per program (one partial sum per program,
+summed afterwards), so no atomics are needed.
 
 Runs on the CPU under TRITON_INTERPRET=1 (tests in CI), on CUDA otherwise.
 """
@@ -19,108 +20,195 @@ from torch.library import wrap_triton
 
 @triton.jit
 def _forward_kernel(
-    X, R, S, Y, W, B, RSTD,
-    stride_x, stride_r, stride_s, stride_y,
-    n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    X,
+    R,
+    S,
+    Y,
+    W,
+    B,
+    RSTD,
+    stride_x,
+    stride_r,
+    stride_s,
+    stride_y,
+    n_rows,
+    n_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    col_ok = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # The stream value is the rounded sum, exactly what an unfused add would have stored.
-        x = (x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)).to(S.dtype.element_ty)
-        tl.store(S + row * stride_s + cols, x, mask=mask)
+        x = (x + tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)).to(S.dtype.element_ty)
+        tl.store(S + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
     x = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    y = x * rstd
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    y = x * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=rows < n_rows)
 
 
 @triton.jit
 def _backward_kernel(
-    DY, X, W, RSTD, DS, DX, DW_PART, DB_PART,
-    stride_dy, stride_x, stride_ds, stride_dx,
-    n_rows, n_cols, rows_per_program,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DS: tl.constexpr, BLOCK: tl.constexpr,
+    DY,
+    X,
+    W,
+    RSTD,
+    DS,
+    DX,
+    DW_PART,
+    DB_PART,
+    stride_dy,
+    stride_x,
+    stride_ds,
+    stride_dx,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
+    col_ok = cols < n_cols
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     db = tl.zeros([BLOCK], dtype=tl.float32)
     start = pid.to(tl.int64) * rows_per_program  # int64 offsets: tensors may pass 2³¹ elements
     end = tl.minimum(start + rows_per_program, n_rows)
-    for row64 in range(start, end):
-        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row64)
+    # ROWS rows per step: several rows' loads in flight at once, which one row alone cannot keep up.
+    for first in range(start, end, ROWS):
+        rows = first + tl.arange(0, ROWS)
+        row_ok = rows < end
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]
         xhat = x * rstd
         g = dy
         if HAS_WEIGHT:
             g = dy * w
-        dx = (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols)) * rstd
+        dx = (g - xhat * (tl.sum(g * xhat, axis=1) / n_cols)[:, None]) * rstd
         if HAS_DS:  # the stream's own gradient (fused residual add): d(a + b) flows to both
-            dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
-            dw += dy * xhat
+            dw += tl.sum(dy * xhat, axis=0)
         if HAS_BIAS:
-            db += dy
+            db += tl.sum(dy, axis=0)
     if HAS_WEIGHT:
-        tl.store(DW_PART + pid * n_cols + cols, dw, mask=mask)
+        tl.store(DW_PART + pid * n_cols + cols, dw, mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB_PART + pid * n_cols + cols, db, mask=mask)
+        tl.store(DB_PART + pid * n_cols + cols, db, mask=col_ok)
 
 
 def _block(n_cols: int) -> int:
     return triton.next_power_of_2(n_cols)
 
 
-def _warps(block: int) -> int:
-    return min(max(block // 256, 1), 16)
+def _rows_per_tile(block: int, elements: int) -> int:
+    """Rows handled together so that a tile holds about `elements` values (at least one row)."""
+    return max(1, elements // block)
 
 
-def forward(x2d, residual2d, weight, bias, eps: float):
+def _warps(elements: int) -> int:
+    return min(max(elements // 256, 1), 16)
+
+
+FORWARD_TILE = 2048  # values per forward program (tuned on an H100, benchmarks/bench_rmsnorm.py)
+BACKWARD_TILE = 4096  # values per backward step
+
+
+def forward(x2d, residual2d, weight, bias, eps: float, *, tile: int = FORWARD_TILE, warps: int | None = None):
     """(y, stream, rstd) for rows of x2d (stream is empty when there is no residual)."""
     n_rows, n_cols = x2d.shape
     y = torch.empty_like(x2d)
     stream = torch.empty_like(x2d) if residual2d is not None else x2d.new_empty(0)
     rstd = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
     block = _block(n_cols)
-    wrap_triton(_forward_kernel)[(n_rows,)](
-        x2d, residual2d if residual2d is not None else x2d, stream, y,
-        weight if weight is not None else x2d, bias if bias is not None else x2d, rstd,
-        x2d.stride(0), residual2d.stride(0) if residual2d is not None else 0, n_cols if residual2d is not None else 0, y.stride(0),
-        n_cols, eps,
-        HAS_RESIDUAL=residual2d is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK=block, num_warps=_warps(block),
+    rows = _rows_per_tile(block, tile)
+    wrap_triton(_forward_kernel)[(triton.cdiv(n_rows, rows),)](
+        x2d,
+        residual2d if residual2d is not None else x2d,
+        stream,
+        y,
+        weight if weight is not None else x2d,
+        bias if bias is not None else x2d,
+        rstd,
+        x2d.stride(0),
+        residual2d.stride(0) if residual2d is not None else 0,
+        n_cols if residual2d is not None else 0,
+        y.stride(0),
+        n_rows,
+        n_cols,
+        eps,
+        HAS_RESIDUAL=residual2d is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        ROWS=rows,
+        BLOCK=block,
+        num_warps=warps or _warps(rows * block),
     )
     return y, stream, rstd
 
 
-def backward(dy2d, x2d, weight, rstd, ds2d, has_bias: bool, programs: int):
+def backward(
+    dy2d, x2d, weight, rstd, ds2d, has_bias: bool, programs: int, *, tile: int = BACKWARD_TILE, warps: int | None = None
+):
     """(dx, dγ partial sums, dβ partial sums): sum the partials over dim 0."""
     n_rows, n_cols = x2d.shape
     dx = torch.empty_like(x2d)
     programs = max(1, min(programs, n_rows))
     rows_per_program = triton.cdiv(n_rows, programs)
-    dw_part = torch.empty((programs, n_cols), device=x2d.device, dtype=torch.float32) if weight is not None else x2d.new_empty(0, dtype=torch.float32)
-    db_part = torch.empty((programs, n_cols), device=x2d.device, dtype=torch.float32) if has_bias else x2d.new_empty(0, dtype=torch.float32)
+    dw_part = (
+        torch.empty((programs, n_cols), device=x2d.device, dtype=torch.float32)
+        if weight is not None
+        else x2d.new_empty(0, dtype=torch.float32)
+    )
+    db_part = (
+        torch.empty((programs, n_cols), device=x2d.device, dtype=torch.float32)
+        if has_bias
+        else x2d.new_empty(0, dtype=torch.float32)
+    )
     block = _block(n_cols)
+    rows = min(_rows_per_tile(block, tile), triton.next_power_of_2(rows_per_program))
     wrap_triton(_backward_kernel)[(programs,)](
-        dy2d, x2d, weight if weight is not None else x2d, rstd, ds2d if ds2d is not None else dy2d, dx, dw_part, db_part,
-        dy2d.stride(0), x2d.stride(0), ds2d.stride(0) if ds2d is not None else 0, dx.stride(0),
-        n_rows, n_cols, rows_per_program,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DS=ds2d is not None,
-        BLOCK=block, num_warps=_warps(block),
+        dy2d,
+        x2d,
+        weight if weight is not None else x2d,
+        rstd,
+        ds2d if ds2d is not None else dy2d,
+        dx,
+        dw_part,
+        db_part,
+        dy2d.stride(0),
+        x2d.stride(0),
+        ds2d.stride(0) if ds2d is not None else 0,
+        dx.stride(0),
+        n_rows,
+        n_cols,
+        rows_per_program,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=has_bias,
+        HAS_DS=ds2d is not None,
+        ROWS=rows,
+        BLOCK=block,
+        num_warps=warps or _warps(rows * block),
     )
     return dx, dw_part, db_part

@@ -1,0 +1,65 @@
+"""Tile size and warps of effcc's RMSNorm kernels, swept on the GPU (how FORWARD_TILE / BACKWARD_TILE were chosen).
+
+    python benchmarks/sweep_rms_norm_tiles.py [--out benchmarks/results/rms_norm_tiles.json]
+
+For each width, 128 MiB bf16 tensors: the fused add + RMSNorm forward and the backward (with the
+stream's gradient, as in a Pre-LN block), as a share of the copy bandwidth measured alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+from effcc.backends.triton import rms_norm as kernels
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/rms_norm_tiles.json")
+    args = parser.parse_args()
+    rows = []
+    programs = torch.cuda.get_device_properties(0).multi_processor_count * 4
+    for d in (512, 1024, 2048, 4096):
+        n = 2**26 // d
+        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+        r, dy, ds = (torch.randn_like(x) for _ in range(3))
+        w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
+        b = (0.1 * torch.randn(d, device="cuda")).bfloat16()
+        elem = x.numel() * x.element_size()
+        out = torch.empty_like(x)
+        copy = 2 * elem / do_bench(lambda: out.copy_(x), return_mode="median") / 1e6  # noqa: B023
+        _, _, rstd = kernels.forward(x, r, w, b, 1e-5)
+        for tile in (1024, 2048, 4096, 8192, 16384):
+            for warps in (2, 4, 8, 16):
+                fwd = do_bench(lambda: kernels.forward(x, r, w, b, 1e-5, tile=tile, warps=warps), return_mode="median")  # noqa: B023
+                bwd = do_bench(
+                    lambda: kernels.backward(dy, x, w, rstd, ds, True, programs, tile=tile, warps=warps), return_mode="median"
+                )  # noqa: B023
+                row = {
+                    "d": d,
+                    "tile": tile,
+                    "warps": warps,
+                    "fwd_of_copy": 4 * elem / fwd / 1e6 / copy,
+                    "bwd_of_copy": 4 * elem / bwd / 1e6 / copy,
+                }
+                rows.append(row)
+        best_f = max((r for r in rows if r["d"] == d), key=lambda r: r["fwd_of_copy"])
+        best_b = max((r for r in rows if r["d"] == d), key=lambda r: r["bwd_of_copy"])
+        print(f"d={d}: copy {copy:.0f} GB/s; best fwd {best_f}; best bwd {best_b}", flush=True)
+    for tile in (1024, 2048, 4096, 8192, 16384):
+        for kind in ("fwd", "bwd"):
+            worst = min(
+                max(r[f"{kind}_of_copy"] for r in rows if r["d"] == d and r["tile"] == tile) for d in (512, 1024, 2048, 4096)
+            )
+            print(f"tile {tile:6} {kind}: worst width, best warps: {100 * worst:.0f}% of copy")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
