@@ -18,10 +18,18 @@ from triton.testing import do_bench
 from effcc.backends.triton import rms_norm as kernels
 
 
+def timed(fn, *args, **kwargs) -> float:
+    """Median milliseconds of fn(*args, **kwargs)."""
+    return do_bench(lambda: fn(*args, **kwargs), return_mode="median")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/rms_norm_tiles.json")
+    parser.add_argument("--backward-programs", action="store_true", help="backward only: also sweep programs per SM (2-16)")
     args = parser.parse_args()
+    if args.backward_programs:
+        return sweep_backward_programs(args.out)
     rows = []
     programs = torch.cuda.get_device_properties(0).multi_processor_count * 4
     for d in (512, 1024, 2048, 4096):
@@ -32,14 +40,12 @@ def main():
         b = (0.1 * torch.randn(d, device="cuda")).bfloat16()
         elem = x.numel() * x.element_size()
         out = torch.empty_like(x)
-        copy = 2 * elem / do_bench(lambda: out.copy_(x), return_mode="median") / 1e6  # noqa: B023
+        copy = 2 * elem / timed(out.copy_, x) / 1e6
         _, _, rstd = kernels.forward(x, r, w, b, 1e-5)
         for tile in (1024, 2048, 4096, 8192, 16384):
             for warps in (2, 4, 8, 16):
-                fwd = do_bench(lambda: kernels.forward(x, r, w, b, 1e-5, tile=tile, warps=warps), return_mode="median")  # noqa: B023
-                bwd = do_bench(
-                    lambda: kernels.backward(dy, x, w, rstd, ds, True, programs, tile=tile, warps=warps), return_mode="median"
-                )  # noqa: B023
+                fwd = timed(kernels.forward, x, r, w, b, 1e-5, tile=tile, warps=warps)
+                bwd = timed(kernels.backward, dy, x, w, rstd, ds, True, programs, tile=tile, warps=warps)
                 row = {
                     "d": d,
                     "tile": tile,
@@ -59,6 +65,30 @@ def main():
             print(f"tile {tile:6} {kind}: worst width, best warps: {100 * worst:.0f}% of copy")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+def sweep_backward_programs(out: str) -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for d in (512, 1024, 2048, 4096):
+        n = 2**26 // d
+        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+        dy, ds = torch.randn_like(x), torch.randn_like(x)
+        w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
+        rstd = torch.rand(n, device="cuda") + 0.5
+        elem = x.numel() * x.element_size()
+        copy_out = torch.empty_like(x)
+        copy = 2 * elem / timed(copy_out.copy_, x) / 1e6
+        for per_sm in (2, 4, 8, 16):
+            for tile in (1024, 2048, 4096):
+                for warps in (2, 4, 8, 16):
+                    ms = timed(kernels.backward, dy, x, w, rstd, ds, True, per_sm * sms, tile=tile, warps=warps)
+                    rows.append(
+                        {"d": d, "per_sm": per_sm, "tile": tile, "warps": warps, "bwd_of_copy": 4 * elem / ms / 1e6 / copy}
+                    )
+        best = sorted((r for r in rows if r["d"] == d), key=lambda r: -r["bwd_of_copy"])[:3]
+        print(f"d={d}: {[(r['per_sm'], r['tile'], r['warps'], round(100 * r['bwd_of_copy'])) for r in best]}", flush=True)
+    Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
