@@ -31,7 +31,7 @@ def main():
     if args.backward_programs:
         return sweep_backward_programs(args.out)
     rows = []
-    programs = torch.cuda.get_device_properties(0).multi_processor_count * 4
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for d in (512, 1024, 2048, 4096):
         n = 2**26 // d
         x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
@@ -45,7 +45,7 @@ def main():
         for tile in (1024, 2048, 4096, 8192, 16384):
             for warps in (2, 4, 8, 16):
                 fwd = timed(kernels.forward, x, r, w, b, 1e-5, tile=tile, warps=warps)
-                bwd = timed(kernels.backward, dy, x, w, rstd, ds, True, programs, tile=tile, warps=warps)
+                bwd = timed(kernels.backward, dy, x, w, rstd, ds, True, sms, per_sm=4, tile=tile, warps=warps)
                 row = {
                     "d": d,
                     "tile": tile,
@@ -82,7 +82,7 @@ def sweep_backward_programs(out: str) -> None:
         for per_sm in (2, 4, 8, 16):
             for tile in (1024, 2048, 4096):
                 for warps in (2, 4, 8, 16):
-                    ms = timed(kernels.backward, dy, x, w, rstd, ds, True, per_sm * sms, tile=tile, warps=warps)
+                    ms = timed(kernels.backward, dy, x, w, rstd, ds, True, sms, per_sm=per_sm, tile=tile, warps=warps)
                     rows.append(
                         {"d": d, "per_sm": per_sm, "tile": tile, "warps": warps, "bwd_of_copy": 4 * elem / ms / 1e6 / copy}
                     )

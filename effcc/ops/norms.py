@@ -54,8 +54,8 @@ def _kernel_fwd(x, residual, weight, bias, eps):
 
 
 def _kernel_bwd(dy, x, weight, rstd, ds, has_bias):
-    programs = torch.cuda.get_device_properties(x.device).multi_processor_count * 4 if x.is_cuda else 4
-    dx, dw_part, db_part = kernels.backward(_rows(dy), _rows(x), weight, rstd.reshape(-1), _rows(ds) if ds is not None else None, has_bias, programs)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    dx, dw_part, db_part = kernels.backward(_rows(dy), _rows(x), weight, rstd.reshape(-1), _rows(ds) if ds is not None else None, has_bias, sms)
     return dx.view(x.shape), dw_part.sum(0), db_part.sum(0)
 
 

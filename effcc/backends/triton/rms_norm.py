@@ -131,18 +131,24 @@ def _warps(elements: int) -> int:
     return min(max(elements // 256, 1), 16)
 
 
-FORWARD_TILE = 2048  # values per forward program (tuned on an H100, benchmarks/bench_rmsnorm.py)
-BACKWARD_TILE = 4096  # values per backward step
+# (values per program, warps) for the forward and (programs per SM, values per step, warps) for the
+# backward, by row block: the best of sweeps on an H100 (benchmarks/sweep_rms_norm_tiles.py,
+# benchmarks/results/rms_norm_tiles_h100.json, rms_norm_bwd_programs_h100.json).  Other widths: defaults.
+FORWARD_CONFIG = {512: (2048, 2), 1024: (16384, 8), 2048: (2048, 16), 4096: (2048, 8)}
+BACKWARD_CONFIG = {512: (16, 2048, 2), 1024: (16, 4096, 2), 2048: (4, 2048, 4), 4096: (2, 2048, 4)}
+FORWARD_TILE, BACKWARD_TILE, BACKWARD_PER_SM = 2048, 4096, 4
 
 
-def forward(x2d, residual2d, weight, bias, eps: float, *, tile: int = FORWARD_TILE, warps: int | None = None):
-    """(y, stream, rstd) for rows of x2d (stream is empty when there is no residual)."""
+def forward(x2d, residual2d, weight, bias, eps: float, *, tile: int | None = None, warps: int | None = None):
+    """(y, stream, rstd) for rows of x2d (stream is empty when there is no residual); tile, warps override the tuned ones."""
     n_rows, n_cols = x2d.shape
     y = torch.empty_like(x2d)
     stream = torch.empty_like(x2d) if residual2d is not None else x2d.new_empty(0)
     rstd = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
     block = _block(n_cols)
-    rows = _rows_per_tile(block, tile)
+    tuned_tile, tuned_warps = FORWARD_CONFIG.get(block, (FORWARD_TILE, None))
+    rows = _rows_per_tile(block, tile or tuned_tile)
+    warps = warps or tuned_warps
     wrap_triton(_forward_kernel)[(triton.cdiv(n_rows, rows),)](
         x2d,
         residual2d if residual2d is not None else x2d,
@@ -168,13 +174,16 @@ def forward(x2d, residual2d, weight, bias, eps: float, *, tile: int = FORWARD_TI
     return y, stream, rstd
 
 
-def backward(
-    dy2d, x2d, weight, rstd, ds2d, has_bias: bool, programs: int, *, tile: int = BACKWARD_TILE, warps: int | None = None
-):
-    """(dx, dγ partial sums, dβ partial sums): sum the partials over dim 0."""
+def backward(dy2d, x2d, weight, rstd, ds2d, has_bias: bool, sms: int, *, per_sm=None, tile=None, warps=None):
+    """(dx, dγ partial sums, dβ partial sums): sum the partials over dim 0.
+
+    sms: the device's multiprocessors; per_sm, tile, warps override the tuned ones."""
     n_rows, n_cols = x2d.shape
     dx = torch.empty_like(x2d)
-    programs = max(1, min(programs, n_rows))
+    block = _block(n_cols)
+    tuned_per_sm, tuned_tile, tuned_warps = BACKWARD_CONFIG.get(block, (BACKWARD_PER_SM, BACKWARD_TILE, None))
+    tile, warps = tile or tuned_tile, warps or tuned_warps
+    programs = max(1, min(sms * (per_sm or tuned_per_sm), n_rows))
     rows_per_program = triton.cdiv(n_rows, programs)
     dw_part = (
         torch.empty((programs, n_cols), device=x2d.device, dtype=torch.float32)
@@ -186,7 +195,6 @@ def backward(
         if has_bias
         else x2d.new_empty(0, dtype=torch.float32)
     )
-    block = _block(n_cols)
     rows = min(_rows_per_tile(block, tile), triton.next_power_of_2(rows_per_program))
     wrap_triton(_backward_kernel)[(programs,)](
         dy2d,
