@@ -9,6 +9,7 @@ from torch import fx, nn
 
 from .backends import onnx as onnx_backend
 from .capture import capture
+from .errors import CaptureError
 from .passes import Pass, default_passes, make_pass
 from .pipeline import run_module_passes, run_passes, split_module_passes
 from .program import Program
@@ -55,6 +56,13 @@ def optimize(
     calibration: batches (each a tuple of positional inputs) for passes that need activation
     statistics (smoothquant); read by each such pass on the graph as it is then.
     """
+    tensors = [*model.named_parameters(), *model.named_buffers()] if isinstance(model, nn.Module) else []
+    on_meta = next((name for name, t in tensors if t.is_meta), None)
+    if on_meta is not None:
+        raise CaptureError(
+            f"{type(model).__name__}.{on_meta} is on the meta device (it has no values), and effcc.optimize needs the weights; "
+            "for weights in a safetensors checkpoint use effcc.optimize_checkpoint(model, checkpoint, example_inputs, passes, out=...)"
+        )
     chosen: list[Pass] = default_passes() if passes is None else [make_pass(p) for p in passes]
     module_passes, graph_passes = split_module_passes(chosen)
     rewritten, module_results = run_module_passes(model, module_passes, example_inputs, example_kwargs or {})
@@ -75,7 +83,9 @@ def verify(original: nn.Module, rewritten, inputs: tuple, kwargs: dict | None = 
     return _verify(original, rewritten, inputs, kwargs)
 
 
-def export_onnx(result, path, example_inputs: tuple | None = None, *, example_kwargs: dict | None = None, opset: int | None = None) -> Path:
+def export_onnx(
+    result, path, example_inputs: tuple | None = None, *, example_kwargs: dict | None = None, opset: int | None = None
+) -> Path:
     """Write an optimize() result (or any model, with example_inputs) to an ONNX file.
 
     A result keeps the dynamic sizes it was captured with (batch, sequence length)."""
@@ -89,7 +99,9 @@ def export_onnx(result, path, example_inputs: tuple | None = None, *, example_kw
     return onnx_backend.export_onnx(result, path, example_inputs, example_kwargs, opset=opset)
 
 
-def check_onnx(path, model, example_inputs: tuple, example_kwargs: dict | None = None, *, rtol: float = onnx_backend.export.ONNX_RTOL) -> Comparison:
+def check_onnx(
+    path, model, example_inputs: tuple, example_kwargs: dict | None = None, *, rtol: float = onnx_backend.export.ONNX_RTOL
+) -> Comparison:
     """Run an ONNX file in ONNX Runtime and compare it with `model` (original or result) in PyTorch."""
     if isinstance(model, OptimizeResult):
         model = model.model

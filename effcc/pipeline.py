@@ -32,6 +32,11 @@ def check_pass_list(passes: list[Pass]) -> None:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise EffccError(f"pass {', '.join(map(repr, repeated))} is asked for more than once; name each pass once")
+    for i, a in enumerate(passes):
+        for b in passes[i + 1 :]:
+            why = a.contradicts.get(b.name) or b.contradicts.get(a.name)
+            if why:
+                raise EffccError(f"passes {a.name!r} and {b.name!r} contradict each other: {why}; keep one of them")
 
 
 def split_module_passes(passes: list[Pass]) -> tuple[list[Pass], list[Pass]]:

@@ -66,9 +66,37 @@ def test_capture_errors_name_the_model_and_the_fix():
     with pytest.raises(effcc.CaptureError, match="must be a tuple"):
         effcc.optimize(build("gpt2"), token_ids())
     with pytest.raises(effcc.CaptureError, match="does not take these example inputs"):
-        effcc.optimize(build("gpt2"), (token_ids(), token_ids(), token_ids(), token_ids(), token_ids(), 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17))
+        effcc.optimize(
+            build("gpt2"),
+            (
+                token_ids(),
+                token_ids(),
+                token_ids(),
+                token_ids(),
+                token_ids(),
+                1,
+                2,
+                3,
+                4,
+                5,
+                6,
+                7,
+                8,
+                9,
+                10,
+                11,
+                12,
+                13,
+                14,
+                15,
+                16,
+                17,
+            ),
+        )
     # Float ids: the embedding refuses them, at capture (torch 2.13) or when run (torch 2.11).
-    with pytest.raises(effcc.CaptureError, match="could not (capture|run) GPT2LMHeadModel|could not run the captured graph of GPT2LMHeadModel"):
+    with pytest.raises(
+        effcc.CaptureError, match="could not (capture|run) GPT2LMHeadModel|could not run the captured graph of GPT2LMHeadModel"
+    ):
         effcc.optimize(build("gpt2"), (token_ids().float(),))
 
 
@@ -117,3 +145,29 @@ def test_verify_reports_float64_error_between_models():
     ids = token_ids()
     assert effcc.verify(a, a, (ids,)).max_rel == 0
     assert effcc.verify(a, b, (ids,)).max_rel > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("passes", "cause"),
+    [
+        (["ln_to_rmsnorm", "ln_to_crmsnorm"], "already includes the Pre-RMSNorm step"),
+        (["quantize_w8a8", "quantize_w4a16"], "one weight format"),
+        (["real_to_complex", "fairy2i", "quantize_w8a8"], "complex layers"),
+        ([("smoothquant", {"alpha": 0.5}), "smoothquant_plus"], "choose your quantiser's"),
+    ],
+)
+def test_contradictory_passes_are_refused_before_anything_runs(passes, cause):
+    model = build("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(effcc.EffccError, match=f"contradict each other: .*{cause}.*keep one of them"):
+        effcc.optimize(model, (token_ids(),), passes=passes)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_model_on_the_meta_device_points_to_optimize_checkpoint():
+    from conftest import HF_MODELS
+
+    with effcc.offload.empty_weights():
+        model = HF_MODELS["gpt2"]().eval()
+    with pytest.raises(effcc.CaptureError, match=r"transformer\.wte\.weight is on the meta device.*optimize_checkpoint"):
+        effcc.optimize(model, (token_ids(),), passes=["fold_norm_affine"])

@@ -58,6 +58,7 @@ class Pass:
     rewrites_tensors: ClassVar[bool] = True  # needs parameter values as constants (inference only under torch.compile)
     rewrites_modules: ClassVar[bool] = False  # changes the nn.Module itself (transform), before capture
     pays_in_training: ClassVar[bool] = False  # run by default on training graphs under torch.compile (measured faster)
+    contradicts: ClassVar[dict[str, str]] = {}  # other pass name → why the two cannot be in one pipeline
 
     def transform(self, model, args: tuple, kwargs: dict, log: SiteLog):
         """For passes that rewrite modules: a new model (the given one untouched)."""

@@ -35,6 +35,7 @@ _SHAPE_ARG_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.def
 @dataclass
 class LayerNormToCRMSNorm(Pass):
     name = "ln_to_crmsnorm"
+    contradicts = {"ln_to_rmsnorm": "ln_to_crmsnorm converts the same LayerNorms and already includes the Pre-RMSNorm step"}  # noqa: RUF012
     summary = "Pre-LN → Pre-CRMSNorm: like ln_to_rmsnorm, and the residual stream shrinks from d to d − 1 features"
     guarantee = Guarantee.EXACT
 
@@ -50,7 +51,10 @@ class LayerNormToCRMSNorm(Pass):
                 _narrow_path(add, None, width)
             folded = sum(_compress_norm(program, norm, width) for norm in norms)
             changed = True
-            log.change(stream_name(stream), f"stream {width} → {width - 1} features; {len(norms)} LayerNorm(s) → CRMSNorm, {folded} with the expansion folded into their linears")
+            log.change(
+                stream_name(stream),
+                f"stream {width} → {width - 1} features; {len(norms)} LayerNorm(s) → CRMSNorm, {folded} with the expansion folded into their linears",
+            )
         if changed:
             program.retrace()  # widths changed: refresh every node's recorded shape
 
@@ -84,7 +88,10 @@ def _compress_norm(program: Program, norm: fx.Node, width: int) -> bool:
         wide = graph.call_function(aten.to.dtype, (x, torch.float32)) if dtype in (torch.float16, torch.bfloat16) else x
         total = graph.call_function(aten.sum.dim_IntList, (wide, [-1], True))
         squares = graph.call_function(aten.sum.dim_IntList, (graph.call_function(aten.mul.Tensor, (wide, wide)), [-1], True))
-        mean_square = graph.call_function(aten.div.Tensor, (graph.call_function(aten.add.Tensor, (squares, graph.call_function(aten.mul.Tensor, (total, total)))), float(width)))
+        mean_square = graph.call_function(
+            aten.div.Tensor,
+            (graph.call_function(aten.add.Tensor, (squares, graph.call_function(aten.mul.Tensor, (total, total)))), float(width)),
+        )
         scale = graph.call_function(aten.rsqrt.default, (graph.call_function(aten.add.Tensor, (mean_square, float(eps))),))
         compressed = graph.call_function(aten.mul.Tensor, (wide, scale))
         if fold:

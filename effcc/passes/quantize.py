@@ -48,6 +48,10 @@ def _replace(program: Program, lin: Linear, op, stored: dict, extra: tuple = ())
 @dataclass
 class _Quantize(Pass):
     guarantee = Guarantee.LOSSY
+    contradicts = {  # noqa: RUF012 - a class-level table, never mutated
+        "real_to_complex": "real_to_complex turns the same linears into complex layers, which these quantisers do not take",
+        "fairy2i": "fairy2i quantises the same layers to {±1, ±i} codes",
+    }
     bound: float | None = None  # fail above this relative error (float64 evaluation); None: report only
     include_output_layers: bool = False
 
@@ -59,6 +63,7 @@ class _Quantize(Pass):
 @dataclass
 class QuantizeW8A8(_Quantize):
     name = "quantize_w8a8"
+    contradicts = {**_Quantize.contradicts, "quantize_w4a16": "a linear is stored in one weight format, int8 or int4"}  # noqa: RUF012
     summary = "int8 weights (per output channel) × int8 activations (per token, dynamic), int32 accumulation"
 
     def apply(self, program: Program, log: SiteLog) -> None:
@@ -84,6 +89,14 @@ class QuantizeW4A16(_Quantize):
                 log.skip(describe(lin.node), f"{w.shape[1]} input features are not a multiple of group_size={self.group_size}")
                 continue
             packed, scales, zeros = q.quantize_weight_int4(w, self.group_size)
-            error = ((q.dequantize_int4(packed, scales, zeros, self.group_size) - w.double()).abs().max() / w.double().abs().max()).item()
-            _replace(program, lin, torch.ops.effcc.w4a16_linear.default, {"int4": packed, "scales": scales, "zeros": zeros}, (self.group_size,))
+            error = (
+                (q.dequantize_int4(packed, scales, zeros, self.group_size) - w.double()).abs().max() / w.double().abs().max()
+            ).item()
+            _replace(
+                program,
+                lin,
+                torch.ops.effcc.w4a16_linear.default,
+                {"int4": packed, "scales": scales, "zeros": zeros},
+                (self.group_size,),
+            )
             log.change(describe(lin.node), f"W4A16 (groups of {self.group_size}), weight max rel error {error:.1e}")

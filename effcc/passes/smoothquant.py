@@ -48,6 +48,9 @@ SEARCH_ROWS = 2048  # calibration tokens kept per site for the error searches
 @dataclass
 class SmoothQuant(Pass):
     name = "smoothquant"
+    contradicts = {
+        "smoothquant_plus": "both migrate the same norm → linear scales, one for W8A8 and one for W4A16: choose your quantiser's"
+    }  # noqa: RUF012
     summary = "SmoothQuant: X/s into the norm, W·diag(s) into its linears, s = max|X|^α / max|W|^(1−α) (needs calibration)"
     guarantee = Guarantee.EXACT
     alpha: float | str = 0.5  # or "auto": per site, the α in 0, 0.05, …, 1 with the least W8A8 output error
@@ -58,7 +61,9 @@ class SmoothQuant(Pass):
     def apply(self, program: Program, log: SiteLog) -> None:
         if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise EffccError(f"{self.name}: alpha must be between 0 and 1, or 'auto'; got {self.alpha!r}")
-        for site, stats in calibrated_sites(program, log, self.name, self.post_ln, keep_rows=SEARCH_ROWS if self.alpha == "auto" else 0):
+        for site, stats in calibrated_sites(
+            program, log, self.name, self.post_ln, keep_rows=SEARCH_ROWS if self.alpha == "auto" else 0
+        ):
             weights = [oriented_weight(program, lin) for lin in site.linears]
             columns = [w.abs().amax(dim=0) for w in weights]
             if self.alpha == "auto":
@@ -69,7 +74,10 @@ class SmoothQuant(Pass):
             s = smoothing_scale(stats.absmax, columns, alpha)
             migrate(program, site, s)
             chosen = f"α = {alpha:.2f} (searched), " if self.alpha == "auto" else ""
-            log.change(describe(site.norm.node), f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] migrated into {_names(site)}{_restored(site)}")
+            log.change(
+                describe(site.norm.node),
+                f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] migrated into {_names(site)}{_restored(site)}",
+            )
         if self.attention:
             self.smooth_attention(program, log)
         if self.linear_pairs:
@@ -83,7 +91,13 @@ class SmoothQuant(Pass):
         if not pairs:
             return
         keep = SEARCH_ROWS if self.alpha == "auto" else 0
-        stats = activation_stats(program, [pair.second.input for pair in pairs], program.calibration, description=f"{self.name}: linear pairs", keep_rows=keep)
+        stats = activation_stats(
+            program,
+            [pair.second.input for pair in pairs],
+            program.calibration,
+            description=f"{self.name}: linear pairs",
+            keep_rows=keep,
+        )
         for pair in pairs:
             act, w = stats[pair.second.input], oriented_weight(program, pair.second)
             columns = [w.abs().amax(dim=0)]
@@ -117,12 +131,20 @@ class SmoothQuant(Pass):
         if not mapped:
             return
         keep = SEARCH_ROWS if self.alpha == "auto" else 0
-        stats = activation_stats(program, [site.output.input for site, _ in mapped], program.calibration, description=f"{self.name}: attention", keep_rows=keep)
+        stats = activation_stats(
+            program,
+            [site.output.input for site, _ in mapped],
+            program.calibration,
+            description=f"{self.name}: attention",
+            keep_rows=keep,
+        )
         for site, mapping in mapped:
             act = stats[site.output.input]
             w_out = oriented_weight(program, site.output)
             width = oriented_weight(program, site.value).shape[0]
-            grouped = lambda per_input: torch.zeros(width, dtype=torch.float64).scatter_reduce(0, mapping, per_input, "amax", include_self=False)  # noqa: E731
+            grouped = lambda per_input: torch.zeros(width, dtype=torch.float64).scatter_reduce(
+                0, mapping, per_input, "amax", include_self=False
+            )  # noqa: E731
 
             def scale(alpha: float) -> torch.Tensor:  # per V channel; channels that reach nothing keep 1
                 s = smoothing_scale(grouped(act.absmax), [grouped(w_out.abs().amax(dim=0))], alpha)
@@ -138,7 +160,10 @@ class SmoothQuant(Pass):
             scale_input_channels(program, site.output, s[mapping])
             shared = " (grouped-query: V channels shared by heads)" if len(mapping) > len(set(mapping.tolist())) else ""
             chosen = f"α = {alpha:.2f} (searched), " if self.alpha == "auto" else ""
-            log.change(describe(site.attention), f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] from {describe(site.value.node).split(' (')[0]} into {describe(site.output.node).split(' (')[0]}{shared}")
+            log.change(
+                describe(site.attention),
+                f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] from {describe(site.value.node).split(' (')[0]} into {describe(site.output.node).split(' (')[0]}{shared}",
+            )
 
 
 ALPHA_GRID = [round(0.05 * i, 2) for i in range(21)]
@@ -150,8 +175,16 @@ def calibrated_sites(program: Program, log: SiteLog, pass_name: str, post_ln: bo
     if not sites:
         return []
     if program.calibration is None:
-        raise EffccError(f"{pass_name} needs calibration data: optimize(..., calibration=[(inputs,), ...]) with a few real batches")
-    stats = activation_stats(program, [site.norm.node for site in sites], program.calibration, description=f"{pass_name}: calibrating", keep_rows=keep_rows)
+        raise EffccError(
+            f"{pass_name} needs calibration data: optimize(..., calibration=[(inputs,), ...]) with a few real batches"
+        )
+    stats = activation_stats(
+        program,
+        [site.norm.node for site in sites],
+        program.calibration,
+        description=f"{pass_name}: calibrating",
+        keep_rows=keep_rows,
+    )
     return [(site, stats[site.norm.node]) for site in sites]
 
 
