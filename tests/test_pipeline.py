@@ -171,3 +171,20 @@ def test_a_model_on_the_meta_device_points_to_optimize_checkpoint():
         model = HF_MODELS["gpt2"]().eval()
     with pytest.raises(effcc.CaptureError, match=r"transformer\.wte\.weight is on the meta device.*optimize_checkpoint"):
         effcc.optimize(model, (token_ids(),), passes=["fold_norm_affine"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_rewritten_and_checked_at_their_own_tolerance(dtype):
+    model = build("llama", dtype)
+    calibration = [(token_ids(batch=2, tokens=16, seed=s),) for s in range(2)]
+    res = effcc.optimize(
+        model,
+        (token_ids(),),
+        passes=["fold_norm_affine", ("smoothquant", {"alpha": 0.5}), "quantize_w8a8"],
+        calibration=calibration,
+    )
+    fold, smooth, quant = res.passes
+    assert fold.changed and smooth.changed and quant.changed
+    for exact in (fold, smooth):  # the re-rounding of rewritten weights to the model's dtype, no more
+        assert exact.comparison.max_rel <= exact.rtol
+    assert res.model(token_ids()).logits.dtype == dtype  # runs in the model's dtype
