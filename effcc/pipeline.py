@@ -27,6 +27,19 @@ def storage_dtype(program: Program) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
+def stored_bytes(program: Program) -> int:
+    """Bytes of every tensor the graph reads (weights, buffers, constants; a tied tensor once)."""
+    seen, total = set(), 0
+    for node in program.graph.find_nodes(op="get_attr"):
+        value = program.gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if isinstance(value, torch.Tensor) and id(value) not in seen:
+            seen.add(id(value))
+            total += value.numel() * value.element_size()
+    return total
+
+
 def check_pass_list(passes: list[Pass]) -> None:
     names = [p.name for p in passes]
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -105,11 +118,13 @@ def run_passes(model: nn.Module, program: Program, passes: list[Pass], *, verify
     dtype = storage_dtype(program)
     for p in passes:
         start = time.perf_counter()
+        before = stored_bytes(program)
         log = apply_pass(program, p)
         comparison = _check(program, reference) if verify else None
-        rtol = p.rtol(dtype)
+        rtol, seconds = p.rtol(dtype), time.perf_counter() - start
+        sizes = (before, stored_bytes(program))
         report.passes.append(
-            PassResult(p.name, p.guarantee, log.changed, log.skipped, comparison, rtol, time.perf_counter() - start)
+            PassResult(p.name, p.guarantee, log.changed, log.skipped, comparison, rtol, seconds, tensor_bytes=sizes)
         )
         if comparison is not None and not comparison.within(rtol):
             raise VerificationError(

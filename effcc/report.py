@@ -23,6 +23,7 @@ class PassResult:
     rtol: float | None
     seconds: float
     flops: tuple[int, int] | None = None  # forward FLOPs before/after (iso-FLOP passes)
+    tensor_bytes: tuple[int, int] | None = None  # bytes of the stored tensors (weights, buffers) before/after
 
 
 @dataclass
@@ -35,20 +36,23 @@ class Report:
     def __rich__(self):
         seconds = sum(p.seconds for p in self.passes)
         table = Table(title=f"effcc: {self.model} ({seconds:.1f}s in passes)", title_justify="left", expand=False)
-        for column in ("pass", "guarantee", "changed", "skipped", "err (f64)", "tol"):
+        for column in ("pass", "guarantee", "changed", "skipped", "err (f64)", "tol", "weights MiB"):
             table.add_column(column, justify="left" if column in ("pass", "guarantee") else "right", no_wrap=True)
         if self.capture is not None:
-            table.add_row("(capture)", "", "", "", f"{self.capture.max_rel:.1e}", "")
+            table.add_row("(capture)", "", "", "", f"{self.capture.max_rel:.1e}", "", "")
         for p in self.passes:
             err = f"{p.comparison.max_rel:.1e}" if p.comparison else "unverified"
             if p.flops is not None:
                 err = f"FLOPs {(p.flops[1] - p.flops[0]) / p.flops[0]:+.1e}"
             tol = f"{p.rtol:.0e}" if p.rtol is not None else ""
-            table.add_row(p.name, str(p.guarantee), str(len(p.changed)), str(len(p.skipped)), err, tol)
+            size = f"{p.tensor_bytes[0] / 2**20:.2f} → {p.tensor_bytes[1] / 2**20:.2f}" if p.tensor_bytes else ""
+            table.add_row(p.name, str(p.guarantee), str(len(p.changed)), str(len(p.skipped)), err, tol, size)
         parts = [table]
         for p in self.passes:
             if p.flops is not None:
-                parts.append(Text(f"  {p.name}: forward FLOPs on the example inputs: {p.flops[0]:,} dense → {p.flops[1]:,} active"))
+                parts.append(
+                    Text(f"  {p.name}: forward FLOPs on the example inputs: {p.flops[0]:,} dense → {p.flops[1]:,} active")
+                )
             for site in p.changed:
                 parts.append(Text.assemble(("  ✓ ", "green"), f"{p.name}: {site.where}: {site.detail}"))
             for site in p.skipped:

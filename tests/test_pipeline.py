@@ -188,3 +188,14 @@ def test_half_precision_models_are_rewritten_and_checked_at_their_own_tolerance(
     for exact in (fold, smooth):  # the re-rounding of rewritten weights to the model's dtype, no more
         assert exact.comparison.max_rel <= exact.rtol
     assert res.model(token_ids()).logits.dtype == dtype  # runs in the model's dtype
+
+
+def test_each_pass_reports_the_bytes_of_stored_tensors_before_and_after():
+    model = build("llama")
+    res = effcc.optimize(model, (token_ids(),), passes=["fold_norm_affine", ("quantize_w4a16", {"group_size": 16})])
+    fold, quant = res.passes
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert fold.tensor_bytes[0] <= dense + sum(b.numel() * b.element_size() for b in model.buffers())
+    assert fold.tensor_bytes[1] <= fold.tensor_bytes[0]  # γ moved into the linears: nothing added
+    assert quant.tensor_bytes[0] == fold.tensor_bytes[1] and quant.tensor_bytes[1] < 0.6 * quant.tensor_bytes[0]  # int4 codes + scales
+    assert "weights MiB" in str(res.report)
