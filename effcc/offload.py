@@ -35,6 +35,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import EffccError
+from .program import graph_tensors
 
 INDEX = "model.safetensors.index.json"
 
@@ -88,6 +89,10 @@ class Checkpoint:
 
     def get(self, key: str) -> torch.Tensor:
         return self._handle(self.where[key]).get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A stored tensor's shape, read from the file's header (the data is not loaded)."""
+        return tuple(self._handle(self.where[key]).get_slice(key).get_shape())
 
 
 @dataclass
@@ -157,12 +162,17 @@ class TensorStore:
             if name in self.resident:
                 continue
             key = self._checkpoint_key(name)
-            stored = self.checkpoint._handle(self.checkpoint.where[key]).get_slice(key).get_shape()
-            if tuple(stored) != tuple(placeholder.shape):
-                raise EffccError(f"{key} has shape {tuple(stored)} in the checkpoint but {tuple(placeholder.shape)} in the model")
+            shape = self.checkpoint.shape(key)
+            if shape != tuple(placeholder.shape):
+                raise EffccError(f"{key} has shape {shape} in the checkpoint but {tuple(placeholder.shape)} in the model")
 
 
 # ---- running a graph whose tensors are in a store ---------------------------------------------------------
+def meta_device_to(device: torch.device | None):
+    """A graph-argument mapper: the meta device (the graph was captured there) → `device` (None: unchanged)."""
+    return lambda x: device if device is not None and isinstance(x, torch.device) and x.type == "meta" else x
+
+
 class _Stored:
     """What a get_attr of a stored tensor yields: a name, loaded only when a node reads it."""
 
@@ -202,11 +212,14 @@ class StoreInterpreter(fx.Interpreter):
         """Stored tensors loaded; meta devices → the store's; dtypes → float64 when running in float64."""
         from .verify import _promote_dtype
 
+        if self.store is None and not self.float64:
+            return value  # a plain run (calibration of a model in memory): nothing to map on the hot path
+        device = self.store.device if self.store is not None else None
+
         def one(x):
             if isinstance(x, _Stored):
                 return self.store.load(x.name, torch.float64 if self.float64 else None)
-            if isinstance(x, torch.device) and x.type == "meta" and self.store is not None:
-                return self.store.device
+            x = meta_device_to(device)(x)
             return _promote_dtype(x) if self.float64 else x
 
         return fx.node.map_aggregate(value, one)
@@ -256,47 +269,35 @@ def meta_shell(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor], di
     return shell, {name: b.detach().clone() for name, b in resident.items()}, aliases
 
 
-def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Every tensor the graph reads, by the name its get_attr nodes use."""
-    tensors = {}
-    for node in gm.graph.find_nodes(op="get_attr"):
-        path, _, leaf = node.target.rpartition(".")
-        value = getattr(gm.get_submodule(path), leaf)
-        if isinstance(value, torch.Tensor):
-            tensors[node.target] = value
-    return tensors
-
-
 def write_checkpoint(gm: fx.GraphModule, store: TensorStore, out: Path, shard_bytes: int) -> None:
     """The program's tensors, as they are now, into `out`: shards of at most `shard_bytes` and an index.
 
     One shard at a time is gathered in host memory (safetensors writes a file whole)."""
     out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    names_by_shard: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
     size = total = 0
 
     def flush():
-        nonlocal size
-        if shards[-1]:
-            save_file(shards[-1], str(out / f"part-{len(shards):05d}.safetensors"))
-            shards[-1] = {name: None for name in shards[-1]}  # names only, to build the index; values freed
-            shards.append({})
-            size = 0
+        if shard:
+            save_file(shard, str(out / f"part-{len(names_by_shard) + 1:05d}.safetensors"))
+            names_by_shard.append(list(shard))
+            shard.clear()
 
     for name in graph_tensors(gm):
         value = store.load(name, device="cpu", counted=False).contiguous()  # host memory: at most one shard
-        if size and size + value.numel() * value.element_size() > shard_bytes:
+        nbytes = value.numel() * value.element_size()
+        if shard and size + nbytes > shard_bytes:
             flush()
-        shards[-1][name] = value
-        size += value.numel() * value.element_size()
-        total += value.numel() * value.element_size()
+            size = 0
+        shard[name] = value
+        size, total = size + nbytes, total + nbytes
     flush()
-    count = len(shards) - 1
     weight_map = {}
-    for i in range(count):
-        final = out / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-        (out / f"part-{i + 1:05d}.safetensors").rename(final)
-        weight_map.update(dict.fromkeys(shards[i], final.name))
+    for i, names in enumerate(names_by_shard, start=1):
+        final = out / f"model-{i:05d}-of-{len(names_by_shard):05d}.safetensors"
+        (out / f"part-{i:05d}.safetensors").rename(final)
+        weight_map.update(dict.fromkeys(names, final.name))
     (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
@@ -373,10 +374,7 @@ def load(result, device="cpu") -> fx.GraphModule:
     for module in gm.modules():  # captured on meta: arange(device=meta) and the like run on `device`
         if isinstance(module, fx.GraphModule):
             for node in module.graph.nodes:
-                node.args, node.kwargs = fx.node.map_aggregate(
-                    (node.args, node.kwargs),
-                    lambda x: torch.device(device) if isinstance(x, torch.device) and x.type == "meta" else x,
-                )
+                node.args, node.kwargs = fx.node.map_aggregate((node.args, node.kwargs), meta_device_to(torch.device(device)))
             module.recompile()
     return gm
 

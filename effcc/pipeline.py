@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import CaptureError, EffccError, VerificationError
 from .passes import Guarantee, Pass, SiteLog
-from .program import Program
+from .program import Program, graph_tensors
 from .report import PassResult, Report
 from .verify import Comparison, compare, count_flops, reference_outputs
 
@@ -29,15 +29,8 @@ def storage_dtype(program: Program) -> torch.dtype:
 
 def stored_bytes(program: Program) -> int:
     """Bytes of every tensor the graph reads (weights, buffers, constants; a tied tensor once)."""
-    seen, total = set(), 0
-    for node in program.graph.find_nodes(op="get_attr"):
-        value = program.gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        if isinstance(value, torch.Tensor) and id(value) not in seen:
-            seen.add(id(value))
-            total += value.numel() * value.element_size()
-    return total
+    unique = {id(t): t for t in graph_tensors(program.gm).values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def check_pass_list(passes: list[Pass]) -> None:

@@ -16,6 +16,22 @@ from torch import fx, nn
 from torch.utils._pytree import tree_map
 
 
+def stored(gm: fx.GraphModule, name: str):
+    """The value the graph module holds under `name` (a meta placeholder when the tensors are on disk)."""
+    module_path, _, leaf = name.rpartition(".")
+    return getattr(gm.get_submodule(module_path), leaf)
+
+
+def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor the graph reads, by the name its get_attr nodes use (a tied tensor under each name)."""
+    tensors = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        value = stored(gm, node.target)
+        if isinstance(value, torch.Tensor):
+            tensors[node.target] = value
+    return tensors
+
+
 @dataclass
 class Program:
     gm: fx.GraphModule
@@ -32,8 +48,7 @@ class Program:
 
     # ---- reading -------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor:
-        module_path, _, leaf = name.rpartition(".")
-        value = getattr(self.gm.get_submodule(module_path), leaf)
+        value = stored(self.gm, name)
         if self.store is not None and isinstance(value, torch.Tensor) and value.is_meta:
             return self.store.load(name, device="cpu")  # passes do their arithmetic on the host; runs use the store's device
         return value

@@ -23,7 +23,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from ..analysis import describe
-from ..program import Program
+from ..program import Program, stored
 from . import register_pass
 from .base import Guarantee, Pass, SiteLog
 
@@ -95,8 +95,8 @@ def thresholds(nodes: list[fx.Node], program: Program) -> set[int]:
         for arg in tree_flatten((node.args, node.kwargs))[0]:
             if isinstance(arg, int) and not isinstance(arg, bool) and 2 <= abs(arg) < 2**62:  # not slice(…, end=2^63−1)
                 found.add(abs(arg))
-        value = program.tensor_of(node)
-        if value is not None:
+        value = stored(program.gm, node.target) if node.op == "get_attr" else None  # its shape only: nothing loaded
+        if isinstance(value, torch.Tensor):
             found.update(int(s) for s in value.shape if s >= 2)
     return found
 
