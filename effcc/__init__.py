@@ -1,7 +1,7 @@
 """effcc: equivalence-preserving graph rewrites for PyTorch models.
 
     res = effcc.optimize(model, (ids,), passes=["fold_norm_affine"])
-    print(res.report); effcc.export_onnx(res, "model.onnx")
+    print(res.report); effcc.export_onnx(res, "model.onnx"); effcc.save(res, "model-dir")
     torch.compile(model, backend="effcc")
 """
 
@@ -11,6 +11,7 @@ from .errors import CaptureError, EffccError, UnknownPassError, VerificationErro
 from .offload import optimize_checkpoint
 from .passes import REGISTRY, Guarantee, Pass, register_pass
 from .prefix_grouping import SharedPrefixError, SharedPrefixModel, shared_prefix
+from .saving import load, save
 
 __version__ = "0.1.0"
 
@@ -34,11 +35,13 @@ __all__ = [
     "distributed",
     "export_onnx",
     "list_passes",
+    "load",
     "offload",
     "optimize",
     "optimize_checkpoint",
     "qat",
     "register_pass",
+    "save",
     "shared_prefix",
     "sparsity",
     "verify",

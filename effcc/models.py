@@ -79,6 +79,14 @@ def tiny_gpt(seed: int = 0, batch: int = 2, tokens: int = 16):
     return model, (ids,)
 
 
+def tiny_gpt_with_calibration(seed: int = 0, batches: int = 4):
+    """(TinyGPT, (token ids,), calibration batches): a factory for passes that calibrate (smoothquant, os_plus)."""
+    model, example_inputs = tiny_gpt(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    calibration = [(torch.randint(0, model.tokens.num_embeddings, (4, 32), generator=generator),) for _ in range(batches)]
+    return model, example_inputs, calibration
+
+
 class BasicBlock(nn.Module):
     """ResNet's two 3×3 convs with batch norms and a shortcut (a 1×1 conv + BN when the shape changes)."""
 
@@ -122,7 +130,11 @@ def installed_text_corpus() -> torch.Tensor:
     files in site-packages.  For training small byte-level models offline (no download)."""
     parts = []
     for folder in site.getsitepackages():
-        for path in sorted(Path(folder).glob("*.dist-info/METADATA")) + sorted(Path(folder).glob("**/*.md")) + sorted(Path(folder).glob("**/*.rst")):
+        for path in (
+            sorted(Path(folder).glob("*.dist-info/METADATA"))
+            + sorted(Path(folder).glob("**/*.md"))
+            + sorted(Path(folder).glob("**/*.rst"))
+        ):
             parts.append(path.read_bytes())
     return torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8).long()
 

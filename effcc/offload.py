@@ -321,11 +321,12 @@ def optimize_checkpoint(
     folder; out: a folder for the rewritten weights (safetensors shards + index).  Passes, calibration
     and verification are as in `effcc.optimize`; calibration batches and the float64 checks run on
     `device`, one weight at a time.  Returns an OptimizeResult whose `model` is the rewritten graph with
-    its tensors on meta; `load(result, device)` gives it its weights from `out` when they fit."""
+    its tensors on meta; `load(result, device)` or `effcc.load(out, device)` gives it its weights from `out` when they fit."""
     from .api import OptimizeResult
     from .capture import capture
     from .passes import make_pass
     from .pipeline import run_passes, split_module_passes
+    from .saving import write_description
 
     chosen = [make_pass(p) for p in passes]
     module_passes, graph_passes = split_module_passes(chosen)
@@ -354,7 +355,9 @@ def optimize_checkpoint(
     )
     # From now on every tensor comes from `out` (the counts of the run are kept).
     store.checkpoint, store.written, store.resident, store.dtypes = Checkpoint(out), {}, {}, {}
-    return OptimizeResult(program.gm, report, program)
+    result = OptimizeResult(program.gm, report, program)
+    write_description(result, out, {name: name for name in graph_tensors(program.gm)})  # effcc.load(out) reads it
+    return result
 
 
 def load(result, device="cpu") -> fx.GraphModule:

@@ -12,7 +12,7 @@ def test_help_teaches(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for expected in ("effcc demo", "effcc passes", "effcc optimize", "pkg.module:", "float64"):
+    for expected in ("effcc demo", "effcc passes", "effcc optimize", "pkg.module:", "float64", "effcc report", "--save"):
         assert expected in text
 
 
@@ -59,7 +59,7 @@ def test_pass_options_parse_as_literals():
 
 
 def test_console_script_demo_runs(tmp_path):
-    done = subprocess.run(["effcc", "demo", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["effcc", "demo", "--out", str(tmp_path)], check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "tiny_gpt.onnx").exists()
     text = " ".join(done.stdout.split())
@@ -79,3 +79,19 @@ def test_optimize_with_weights_streamed_from_a_checkpoint(tmp_path, capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "fold_norm_affine" in text and "streamed" in text and (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert main(argv) == 2 and "--out DIR" in capsys.readouterr().err
+
+
+def test_save_then_report_a_saved_result(tmp_path, capsys):
+    import effcc
+
+    saved, html = tmp_path / "w8a8", tmp_path / "w8a8.html"
+    argv = ["optimize", "effcc.models:tiny_gpt_with_calibration", "--passes", "smoothquant,quantize_w8a8", "--save", str(saved)]
+    assert main([*argv, "--report", str(html)]) == 0
+    assert "effcc.load" in capsys.readouterr().out and (saved / "effcc.json").exists() and "<svg" in html.read_text()
+
+    assert main(["report", str(saved), "--markdown", str(tmp_path / "w8a8.md")]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "smoothquant" in text and "quantize_w8a8" in text  # the saved report's table
+    assert "quantize_w8a8" in (tmp_path / "w8a8.md").read_text()
+    assert effcc.load(saved).passes[-1].name == "quantize_w8a8"
+    assert main(["report", str(tmp_path)]) == 2 and "not a model saved by effcc.save" in capsys.readouterr().err
