@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from rich.progress import Progress
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -20,6 +19,7 @@ from .analysis import describe
 from .errors import EffccError
 from .offload import StoreInterpreter
 from .program import Program
+from .progress import steps
 
 
 @dataclass
@@ -84,13 +84,12 @@ def activation_stats(
     batches = list(batches)
     if not batches:
         raise EffccError("calibration data is empty: give at least one batch, e.g. calibration=[(ids,)]")
-    with Progress(transient=True) as progress:
-        task = progress.add_task(description, total=len(batches))
+    with steps(description, total=len(batches)) as advance:
         for i, batch in enumerate(batches):
             batch = batch if isinstance(batch, tuple) else (batch,)
             if program.store is not None:
                 batch = tree_map(lambda t: t.to(program.store.device) if isinstance(t, torch.Tensor) else t, batch)
             flat, _ = tree_flatten(batch)
             _Recorder(program, watched, stats, i, keep_rows).run(*flat)
-            progress.advance(task)
+            advance()
     return stats

@@ -6,10 +6,12 @@ import time
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import CaptureError, EffccError, VerificationError
 from .passes import Guarantee, Pass, SiteLog
 from .program import Program, graph_tensors
+from .progress import steps
 from .report import PassResult, Report
 from .verify import Comparison, compare, count_flops, reference_outputs
 
@@ -92,40 +94,54 @@ def run_passes(model: nn.Module, program: Program, passes: list[Pass], *, verify
     """Apply `passes` to `program` in order (it is modified); `model` is the untouched original."""
     check_pass_list(passes)
     report = Report(type(model).__name__, capture=None, notes=list(program.notes))
-    reference = None
-    if verify:
-        # Each pass is measured against the captured graph in float64, so its figure is the
-        # rewrite's own error; the capture itself is checked against the eager model here.
-        name = type(model).__name__
-        reference = _run(f"could not run the captured graph of {name} in float64", program)
-        if program.store is None:
-            eager = _run(f"could not run {name} on the example inputs in float64", program, model)
-            report.capture = compare(reference, eager)
-        else:
-            report.notes.append("the capture was not compared with the eager model: its weights are on disk, not in it")
-        if report.capture is not None and not report.capture.within(CAPTURE_RTOL):
-            raise VerificationError(
-                f"the captured graph of {type(model).__name__} does not reproduce the model ({report.capture}); "
-                "effcc cannot rewrite it safely. Is forward() random or stateful (sampling, caches)?"
-            )
+    reference, flops = _captured_reference(model, program, report) if verify else (None, None)
     dtype = storage_dtype(program)
-    for p in passes:
-        start = time.perf_counter()
-        before = stored_bytes(program)
-        log = apply_pass(program, p)
-        comparison = _check(program, reference) if verify else None
-        rtol, seconds = p.rtol(dtype), time.perf_counter() - start
-        sizes = (before, stored_bytes(program))
-        report.passes.append(
-            PassResult(p.name, p.guarantee, log.changed, log.skipped, comparison, rtol, seconds, tensor_bytes=sizes)
-        )
-        if comparison is not None and not comparison.within(rtol):
-            raise VerificationError(
-                f"pass {p.name!r} changed what {type(model).__name__} computes: {comparison}, above its tolerance "
-                f"{rtol:.0e} for {dtype} weights (float64 evaluation). This is a bug in effcc; run without "
-                f"{p.name!r} and report it with the model."
+    with steps("effcc", total=len(passes)) as advance:
+        for p in passes:
+            advance(f"{p.name}: rewriting", by=0)
+            start = time.perf_counter()
+            before = stored_bytes(program)
+            log = apply_pass(program, p)
+            comparison, flop_counts = None, None
+            if verify:  # the float64 check also counts the forward FLOPs after the pass
+                advance(f"{p.name}: checking in float64", by=0)
+                with FlopCounterMode(display=False) as counter:
+                    comparison = _check(program, reference)
+                flop_counts, flops = (flops, counter.get_total_flops()), counter.get_total_flops()
+            rtol, seconds = p.rtol(dtype), time.perf_counter() - start
+            sizes = (before, stored_bytes(program))
+            report.passes.append(
+                PassResult(p.name, p.guarantee, log.changed, log.skipped, comparison, rtol, seconds, flop_counts, sizes)
             )
+            if comparison is not None and not comparison.within(rtol):
+                raise VerificationError(
+                    f"pass {p.name!r} changed what {type(model).__name__} computes: {comparison}, above its tolerance "
+                    f"{rtol:.0e} for {dtype} weights (float64 evaluation). This is a bug in effcc; run without "
+                    f"{p.name!r} and report it with the model."
+                )
+            advance()
     return report
+
+
+def _captured_reference(model: nn.Module, program: Program, report: Report):
+    """(the captured graph's float64 outputs, its forward FLOPs), after checking it against the eager model.
+
+    Each pass is measured against the captured graph in float64, so its figure is the rewrite's own
+    error; the capture itself is checked against the eager model here (into report.capture)."""
+    name = type(model).__name__
+    with FlopCounterMode(display=False) as counter:
+        reference = _run(f"could not run the captured graph of {name} in float64", program)
+    if program.store is None:
+        eager = _run(f"could not run {name} on the example inputs in float64", program, model)
+        report.capture = compare(reference, eager)
+    else:
+        report.notes.append("the capture was not compared with the eager model: its weights are on disk, not in it")
+    if report.capture is not None and not report.capture.within(CAPTURE_RTOL):
+        raise VerificationError(
+            f"the captured graph of {name} does not reproduce the model ({report.capture}); "
+            "effcc cannot rewrite it safely. Is forward() random or stateful (sampling, caches)?"
+        )
+    return reference, counter.get_total_flops()
 
 
 def _run(what: str, program: Program, eager_model: nn.Module | None = None):

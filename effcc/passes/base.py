@@ -30,6 +30,20 @@ class Guarantee(str, enum.Enum):
 class Site:
     where: str  # the layer or node, as `analysis.describe` names it
     detail: str  # what was done there, or why nothing was
+    # Numbers behind the detail, for the report's plots (name → float, int, str or list of floats);
+    # plain values so a report saves as JSON.  Not part of a site's identity.
+    figures: dict = field(default_factory=dict, compare=False)
+
+
+def plain_figure(value):
+    """A figure as JSON takes it: a tensor becomes a float or a list of floats."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().double().cpu().tolist()
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a site figure is a number, a string or a list of numbers, not {type(value).__name__}")
 
 
 @dataclass
@@ -37,8 +51,8 @@ class SiteLog:
     changed: list[Site] = field(default_factory=list)
     skipped: list[Site] = field(default_factory=list)
 
-    def change(self, where: str, detail: str) -> None:
-        self.changed.append(Site(where, detail))
+    def change(self, where: str, detail: str, **figures) -> None:
+        self.changed.append(Site(where, detail, {name: plain_figure(v) for name, v in figures.items()}))
 
     def skip(self, where: str, reason: str) -> None:
         self.skipped.append(Site(where, reason))
@@ -71,7 +85,7 @@ class Pass:
         """The largest float64 relative error the pipeline accepts from this pass."""
         return EXACT_RTOL.get(dtype, 1e-4)
 
-    def for_training(self) -> "Pass | None":
+    def for_training(self) -> Pass | None:
         """The form of this pass for a model whose weights are being trained, or None if it has none.
 
         A pass that bakes new weight values cannot apply while an optimizer updates the old ones."""

@@ -48,7 +48,9 @@ class Fairy2i(Pass):
             a_re, a_im, b_re, b_im = (program.tensor(p.target).double() for p in parts)
             where = describe(node)
             if a_re.shape[1] % 4:
-                log.skip(where, f"{a_re.shape[1]} complex inputs: the codes are packed four per byte, so this needs a multiple of 4")
+                log.skip(
+                    where, f"{a_re.shape[1]} complex inputs: the codes are packed four per byte, so this needs a multiple of 4"
+                )
                 continue
             a, b = torch.complex(a_re, a_im), torch.complex(b_re, b_im)
             codes_a, scales_a, approx_a = cl.quantize_fairy2i(a, self.stages, self.per_row)
@@ -64,4 +66,4 @@ class Fairy2i(Pass):
             call.meta = dict(node.meta)
             node.replace_all_uses_with(call)
             program.graph.erase_node(node)
-            log.change(where, "weight error by stage: " + ", ".join(f"{e:.3f}" for e in errors))
+            log.change(where, "weight error by stage: " + ", ".join(f"{e:.3f}" for e in errors), weight_error_by_stage=errors)

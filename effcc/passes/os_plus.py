@@ -19,7 +19,16 @@ from ..analysis import describe
 from ..program import Program
 from . import register_pass
 from .base import Guarantee, Pass, SiteLog
-from .smoothquant import SEARCH_ROWS, _names, _restored, calibrated_sites, migrate, oriented_weight, w8a8_error
+from .smoothquant import (
+    SEARCH_ROWS,
+    _names,
+    _restored,
+    activation_figures,
+    calibrated_sites,
+    migrate,
+    oriented_weight,
+    w8a8_error,
+)
 
 QUANTILES = torch.linspace(0.0, 1.0, 21, dtype=torch.float64)
 
@@ -43,4 +52,9 @@ class OutlierSuppressionPlus(Pass):
             s = (spread / best).clamp(min=1.0)
             migrate(program, site, s, z)
             how = "shift and scale" if shift else "scale only (the norm has no β to take the shift)"
-            log.change(describe(site.norm.node), f"{how}: t = {best:.3g}, {int((s > 1).sum())} channel(s) scaled, into {_names(site)}{_restored(site)}")
+            # spread is max |X − z| per channel (max |X| without the shift): the linears now read (X − z) / s
+            log.change(
+                describe(site.norm.node),
+                f"{how}: t = {best:.3g}, {int((s > 1).sum())} channel(s) scaled, into {_names(site)}{_restored(site)}",
+                **activation_figures(stats.absmax, spread / s),
+            )

@@ -72,7 +72,7 @@ class QuantizeW8A8(_Quantize):
             qweight, scale = q.quantize_weight_int8(w)
             error = ((qweight.double() * scale.double()[:, None] - w.double()).abs().max() / w.double().abs().max()).item()
             _replace(program, lin, torch.ops.effcc.w8a8_linear.default, {"int8": qweight, "scale": scale})
-            log.change(describe(lin.node), f"W8A8, weight max rel error {error:.1e}")
+            log.change(describe(lin.node), f"W8A8, weight max rel error {error:.1e}", weight_rel_error=error)
 
 
 @register_pass
@@ -99,4 +99,8 @@ class QuantizeW4A16(_Quantize):
                 {"int4": packed, "scales": scales, "zeros": zeros},
                 (self.group_size,),
             )
-            log.change(describe(lin.node), f"W4A16 (groups of {self.group_size}), weight max rel error {error:.1e}")
+            log.change(
+                describe(lin.node),
+                f"W4A16 (groups of {self.group_size}), weight max rel error {error:.1e}",
+                weight_rel_error=error,
+            )

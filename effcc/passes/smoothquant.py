@@ -17,6 +17,7 @@ linear → linear sites.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,8 @@ from ..analysis import Linear, Norm, describe, linears_reading, match_norm, real
 from ..analysis.channel_map import attention_sites, channel_maps, linear_pairs
 from ..analysis.graph import IGNORED_READERS, is_transparent
 from ..calibrate import activation_stats
-from ..ops.quantized_linear import dequantize_int4, fake_quant_w8a8, quantize_weight_int4
 from ..errors import EffccError
+from ..ops.quantized_linear import dequantize_int4, fake_quant_w8a8, quantize_weight_int4
 from ..program import Program
 from . import register_pass
 from .base import Guarantee, Pass, SiteLog
@@ -48,9 +49,9 @@ SEARCH_ROWS = 2048  # calibration tokens kept per site for the error searches
 @dataclass
 class SmoothQuant(Pass):
     name = "smoothquant"
-    contradicts = {
+    contradicts = {  # noqa: RUF012 - a class-level table, never mutated
         "smoothquant_plus": "both migrate the same norm → linear scales, one for W8A8 and one for W4A16: choose your quantiser's"
-    }  # noqa: RUF012
+    }
     summary = "SmoothQuant: X/s into the norm, W·diag(s) into its linears, s = max|X|^α / max|W|^(1−α) (needs calibration)"
     guarantee = Guarantee.EXACT
     alpha: float | str = 0.5  # or "auto": per site, the α in 0, 0.05, …, 1 with the least W8A8 output error
@@ -77,6 +78,7 @@ class SmoothQuant(Pass):
             log.change(
                 describe(site.norm.node),
                 f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] migrated into {_names(site)}{_restored(site)}",
+                **activation_figures(stats.absmax, stats.absmax / s),
             )
         if self.attention:
             self.smooth_attention(program, log)
@@ -110,7 +112,11 @@ class SmoothQuant(Pass):
             scale_input_channels(program, pair.second, s)
             chosen = f"α = {alpha:.2f} (searched), " if self.alpha == "auto" else ""
             first, second = (describe(lin.node).split(" (")[0] for lin in (pair.first, pair.second))
-            log.change(describe(pair.second.node), f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] from {first} into {second}")
+            log.change(
+                describe(pair.second.node),
+                f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] from {first} into {second}",
+                **activation_figures(act.absmax, act.absmax / s),
+            )
 
     def error(self, x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor) -> float:
         """What the α search minimises: the site's output error under the quantisation that follows."""
@@ -142,15 +148,7 @@ class SmoothQuant(Pass):
             act = stats[site.output.input]
             w_out = oriented_weight(program, site.output)
             width = oriented_weight(program, site.value).shape[0]
-            grouped = lambda per_input: torch.zeros(width, dtype=torch.float64).scatter_reduce(
-                0, mapping, per_input, "amax", include_self=False
-            )  # noqa: E731
-
-            def scale(alpha: float) -> torch.Tensor:  # per V channel; channels that reach nothing keep 1
-                s = smoothing_scale(grouped(act.absmax), [grouped(w_out.abs().amax(dim=0))], alpha)
-                used = torch.zeros(width, dtype=torch.bool).index_fill(0, mapping, True)
-                return torch.where(used, s, torch.ones_like(s))
-
+            scale = functools.partial(value_channel_scale, act.absmax, w_out, mapping, width)  # α → s per V channel
             if self.alpha == "auto":
                 alpha = min(ALPHA_GRID, key=lambda a: self.error(act.sample, [w_out], scale(a)[mapping]))
             else:
@@ -163,10 +161,24 @@ class SmoothQuant(Pass):
             log.change(
                 describe(site.attention),
                 f"{chosen}s ∈ [{s.min():.3g}, {s.max():.3g}] from {describe(site.value.node).split(' (')[0]} into {describe(site.output.node).split(' (')[0]}{shared}",
+                **activation_figures(act.absmax, act.absmax / s[mapping]),
             )
 
 
 ALPHA_GRID = [round(0.05 * i, 2) for i in range(21)]
+
+
+def value_channel_scale(
+    act_absmax: torch.Tensor, w_out: torch.Tensor, mapping: torch.Tensor, width: int, alpha: float
+) -> torch.Tensor:
+    """s per V channel, from the output projection's inputs it reaches; channels that reach nothing keep 1."""
+
+    def grouped(per_input: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(width, dtype=torch.float64).scatter_reduce(0, mapping, per_input, "amax", include_self=False)
+
+    s = smoothing_scale(grouped(act_absmax), [grouped(w_out.abs().amax(dim=0))], alpha)
+    used = torch.zeros(width, dtype=torch.bool).index_fill(0, mapping, True)
+    return torch.where(used, s, torch.ones_like(s))
 
 
 def calibrated_sites(program: Program, log: SiteLog, pass_name: str, post_ln: bool, keep_rows: int = 0):
@@ -186,6 +198,11 @@ def calibrated_sites(program: Program, log: SiteLog, pass_name: str, post_ln: bo
         keep_rows=keep_rows,
     )
     return [(site, stats[site.norm.node]) for site in sites]
+
+
+def activation_figures(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """Per-channel max |x| of the smoothed linears' input, before and after the migration (for the report's plots)."""
+    return {"act_absmax_before": before, "act_absmax_after": after}
 
 
 def _names(site) -> str:
