@@ -47,3 +47,10 @@ def test_the_models_larger_than_memory_example_runs():
     assert [p.name for p in res.passes] == ["fold_norm_affine", "ln_to_rmsnorm"] and all(p.changed for p in res.passes)
     reference = scope["GPT2LMHeadModel"].from_pretrained("/tmp/gpt2-ckpt").eval()
     assert effcc.verify(reference, scope["rewritten"], (ids,)).within(1e-4)
+
+
+def test_the_save_load_report_example_runs():
+    scope = run_example("### Save, load, report")
+    folder = scope["folder"]
+    assert (folder / "llama-w8a8" / "effcc.json").exists() and "<svg" in (folder / "llama-w8a8.html").read_text()
+    assert [p.name for p in scope["loaded"].passes] == ["smoothquant", "quantize_w8a8"]
