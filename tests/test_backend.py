@@ -1,13 +1,15 @@
 """torch.compile(model, backend="effcc") on CPU, against eager."""
 
+import inspect
 import logging
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import build, token_ids
+from conftest import build, randomize_norms, token_ids
 
 import effcc
 
@@ -148,3 +150,144 @@ def test_quantised_model_compiles_around_the_ops_and_equals_optimize(passes, cap
     last = passes[-1] if isinstance(passes[-1], str) else passes[-1][0]
     assert any(f"{last}: 14 changed" in r.getMessage() for r in caplog.records)  # 2 layers × 7 linears
     assert (got - model(ids).logits).abs().max() > 0  # lossy: it really runs the quantised ops
+
+
+class PreLNBlock(torch.nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.fc = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+class BlocksAroundAGraphBreak(torch.nn.Module):
+    """Two Pre-LN blocks and, between them, a call Dynamo stops at."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = PreLNBlock(), PreLNBlock()
+
+    def forward(self, x):
+        x = self.first(x)
+        torch._dynamo.graph_break()
+        return self.second(x)
+
+
+class BlocksAroundABranch(BlocksAroundAGraphBreak):
+    """The same with a Python branch on a tensor's value, which Dynamo cannot trace either."""
+
+    def forward(self, x):
+        x = self.first(x)
+        if x.abs().amax() > 1e4:
+            x = x.clamp(-1e4, 1e4)
+        return self.second(x)
+
+
+def pre_ln_blocks(cls=BlocksAroundAGraphBreak, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomize_norms(cls(), seed).eval()
+
+
+def line_of(cls, statement: str) -> int:
+    lines, first = inspect.getsourcelines(cls.forward)
+    return first + next(i for i, line in enumerate(lines) if statement in line)
+
+
+def effcc_messages(caplog, level=logging.INFO) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "effcc" and r.levelno == level]
+
+
+@pytest.mark.parametrize(
+    ("cls", "statement", "cause"),
+    [
+        (BlocksAroundAGraphBreak, "torch._dynamo.graph_break()", "torch._dynamo.graph_break()"),
+        (BlocksAroundABranch, "if x.abs()", "data-dependent branching"),
+    ],
+    ids=["graph_break", "branch"],
+)
+def test_graph_break_compiles_each_graph_with_the_passes_and_warns_once_naming_it(cls, statement, cause, caplog):
+    model = pre_ln_blocks(cls)
+    compiled = torch.compile(model, backend="effcc", options={"passes": ["fold_norm_affine"]})
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="effcc"):
+        for shape in ((2, 5, 16), (3, 7, 16)):  # the second recompiles both graphs (dynamic) and meets the break again
+            x = torch.randn(shape)
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=COMPILE_ATOL)
+    applied = [m for m in effcc_messages(caplog) if "applied fold_norm_affine: 1 changed" in m]
+    assert len(applied) == 4, applied  # each block's norm folded, in its own graph, at both shapes
+    first, second = applied[:2]
+    assert first.startswith("effcc: graph 0/0 (forward at test_backend.py") and "ops in first.norm … first;" in first, first
+    assert (
+        second.startswith("effcc: graph 1/0 (forward resumed at test_backend.py") and "ops in second.norm … second;" in second
+    ), second
+    (warning,) = effcc_messages(caplog, logging.WARNING)
+    assert f"graph break at test_backend.py:{line_of(cls, statement)} in forward" in warning, warning
+    assert cause in warning and "graph 0/0 ends there" in warning and "torch._dynamo.explain(model)(*inputs)" in warning, warning
+    assert "\n" not in warning
+    (repeat,) = [m for m in effcc_messages(caplog) if "graph break at" in m]  # the recompile meets it again
+    assert "graph 0/1 ends there" in repeat, repeat
+
+
+def test_graph_break_in_a_forward_hook_of_a_hugging_face_model(caplog):
+    """A hook that records a statistic with .item() splits GPT-2 into graphs; layers then share the block's graph."""
+    model = build("gpt2")
+    ids = token_ids(2, 8)
+    with torch.no_grad():
+        want = model(ids).logits
+    recorded = []
+    model.transformer.h[0].register_forward_hook(lambda module, args, out: recorded.append(out[0].abs().amax().item()))
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="effcc"):
+        got = torch.compile(model, backend="effcc", options={"passes": ["fold_norm_affine"]})(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=COMPILE_ATOL)
+    assert len(recorded) == 1 and recorded[0] > 0  # the hook ran, eagerly
+    messages = effcc_messages(caplog)
+    blocks = [m for m in messages if "applied fold_norm_affine: 2 changed" in m]  # ln_1 and ln_2 of one block
+    assert len(blocks) == 2 and all("in ln_1 … mlp" in m for m in blocks), messages  # one compile per layer's weights
+    assert any("is called with other weights" in m for m in messages), messages
+    (warning,) = effcc_messages(caplog, logging.WARNING)
+    assert "Tensor.item()" in warning and "test_backend.py" in warning and "in <lambda>" in warning, warning
+
+
+def test_models_sharing_code_each_run_their_own_weights(caplog):
+    """Dynamo reuses the first model's graph for the second (same code, no guard on weights)."""
+    first, second = pre_ln_blocks(BlocksAroundABranch, seed=0), pre_ln_blocks(BlocksAroundABranch, seed=1)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="effcc"):
+        for model in (first, second):
+            out = torch.compile(model, backend="effcc", options={"passes": ["fold_norm_affine"]})(x)
+            torch.testing.assert_close(out, model(x), rtol=0, atol=COMPILE_ATOL)
+    assert sum("is called with other weights" in m for m in effcc_messages(caplog)) == 2  # each graph, once
+
+
+def test_new_shapes_recompile_and_past_the_recompile_limit_run_eagerly(caplog):
+    """With dynamic=False each new batch size or length is a recompile; past Dynamo's limit the model runs eagerly, and Dynamo says why."""
+    model = pre_ln_blocks(BlocksAroundABranch)
+    # cache_size_limit in older torch
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    compiled = torch.compile(model, backend="effcc", dynamic=False, options={"passes": ["fold_norm_affine"]})
+    dynamo_log = logging.getLogger("torch._dynamo")  # torch's loggers may not propagate to the root, where caplog listens
+    dynamo_log.addHandler(caplog.handler)
+    try:
+        with torch.no_grad(), caplog.at_level(logging.INFO, logger="effcc"), torch._dynamo.config.patch(**{limit: 2}):
+            for batch, tokens in ((2, 8), (3, 5), (4, 7)):
+                x = torch.randn(batch, tokens, 16)
+                torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=COMPILE_ATOL)
+    finally:
+        dynamo_log.removeHandler(caplog.handler)
+    applied = [m for m in effcc_messages(caplog) if "applied fold_norm_affine" in m and m.startswith("effcc: graph 0/")]
+    assert len(applied) == 2 and "input 2×8×16" in applied[0] and "input 3×5×16" in applied[1], applied  # not 4×7: eager
+    (shown,) = {r.getMessage() for r in caplog.records if r.name.startswith("torch._dynamo") and r.levelno == logging.WARNING}
+    assert re.match(r"torch._dynamo hit config\.(recompile|cache_size)_limit \(2\)\n", shown) and "size mismatch" in shown, shown
+
+
+def test_new_shapes_under_fail_on_recompile_raise_naming_the_guard():
+    model = pre_ln_blocks(BlocksAroundABranch)
+    compiled = torch.compile(model, backend="effcc", dynamic=False, options={"passes": ["fold_norm_affine"]})
+    with torch.no_grad():
+        compiled(torch.randn(2, 8, 16))
+        with (
+            torch.compiler.set_stance("fail_on_recompile"),
+            pytest.raises(RuntimeError, match=r"(?s)Detected recompile.*size mismatch"),
+        ):
+            compiled(torch.randn(3, 5, 16))
