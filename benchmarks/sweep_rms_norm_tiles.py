@@ -1,6 +1,8 @@
 """Tile size and warps of effcc's RMSNorm kernels, swept on the GPU (how FORWARD_TILE / BACKWARD_TILE were chosen).
 
     python benchmarks/sweep_rms_norm_tiles.py [--out benchmarks/results/rms_norm_tiles.json]
+    python benchmarks/sweep_rms_norm_tiles.py --plain-and-stages --out benchmarks/results/rms_norm_stages.json
+    python benchmarks/sweep_rms_norm_tiles.py --backward-op --out benchmarks/results/rms_norm_bwd_op.json
 
 For each width, 128 MiB bf16 tensors: the fused add + RMSNorm forward and the backward (with the
 stream's gradient, as in a Pre-LN block), as a share of the copy bandwidth measured alongside.
@@ -13,23 +15,35 @@ import json
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench_cudagraph
 
 from effcc.backends.triton import rms_norm as kernels
 
 
 def timed(fn, *args, **kwargs) -> float:
-    """Median milliseconds of fn(*args, **kwargs)."""
-    return do_bench(lambda: fn(*args, **kwargs), return_mode="median")
+    """Median milliseconds of fn(*args, **kwargs), replayed from a CUDA graph (so the launch is not timed)."""
+    return do_bench_cudagraph(lambda: fn(*args, **kwargs), rep=100, return_mode="median")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/rms_norm_tiles.json")
     parser.add_argument("--backward-programs", action="store_true", help="backward only: also sweep programs per SM (2-16)")
+    parser.add_argument(
+        "--plain-and-stages",
+        action="store_true",
+        help="the forward without residual (its own tiles), and the backward with software-pipelined row steps",
+    )
+    parser.add_argument(
+        "--backward-op", action="store_true", help="the backward op as the model calls it (kernel + sum of the dγ, dβ partials)"
+    )
     args = parser.parse_args()
+    if args.backward_op:
+        return sweep_backward_op(args.out)
     if args.backward_programs:
         return sweep_backward_programs(args.out)
+    if args.plain_and_stages:
+        return sweep_plain_forward_and_stages(args.out)
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for d in (512, 1024, 2048, 4096):
@@ -88,6 +102,68 @@ def sweep_backward_programs(out: str) -> None:
                     )
         best = sorted((r for r in rows if r["d"] == d), key=lambda r: -r["bwd_of_copy"])[:3]
         print(f"d={d}: {[(r['per_sm'], r['tile'], r['warps'], round(100 * r['bwd_of_copy'])) for r in best]}", flush=True)
+    Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+def sweep_plain_forward_and_stages(out: str) -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for d in (512, 1024, 2048, 4096):
+        n = 2**26 // d
+        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+        dy, ds = torch.randn_like(x), torch.randn_like(x)
+        w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
+        b = (0.1 * torch.randn(d, device="cuda")).bfloat16()
+        rstd = torch.rand(n, device="cuda") + 0.5
+        elem = x.numel() * x.element_size()
+        copy_out = torch.empty_like(x)
+        copy = 2 * elem / timed(copy_out.copy_, x) / 1e6
+        for tile in (2048, 4096, 8192, 16384, 32768):
+            for warps in (4, 8, 16):
+                ms = timed(kernels.forward, x, None, w, b, 1e-5, tile=tile, warps=warps)
+                rows.append({"d": d, "kernel": "fwd", "tile": tile, "warps": warps, "of_copy": 2 * elem / ms / 1e6 / copy})
+        for stages in (1, 2, 3):
+            for per_sm in (1, 2, 4, 8):
+                for tile in (2048, 4096, 8192):
+                    for warps in (4, 8):
+                        ms = timed(
+                            kernels.backward, dy, x, w, rstd, ds, True, sms, per_sm=per_sm, tile=tile, warps=warps, stages=stages
+                        )
+                        row = {"d": d, "kernel": "bwd", "stages": stages, "per_sm": per_sm, "tile": tile, "warps": warps}
+                        rows.append({**row, "of_copy": 4 * elem / ms / 1e6 / copy})
+        for kind in ("fwd", "bwd"):
+            best = sorted((r for r in rows if r["d"] == d and r["kernel"] == kind), key=lambda r: -r["of_copy"])[:3]
+            print(f"d={d} {kind} (copy {copy:.0f} GB/s): {best}", flush=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+def sweep_backward_op(out: str) -> None:
+    """Backward configurations timed through torch.ops.effcc.rms_norm_bwd, partial sums included."""
+    import effcc.ops.norms  # noqa: F401 - registers the op
+
+    rows = []
+    for d in (512, 1024, 2048, 4096):
+        n = 2**26 // d
+        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+        dy, ds = torch.randn_like(x), torch.randn_like(x)
+        w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
+        rstd = torch.rand(n, device="cuda") + 0.5
+        elem = x.numel() * x.element_size()
+        copy_out = torch.empty_like(x)
+        copy = 2 * elem / timed(copy_out.copy_, x) / 1e6
+        tuned = kernels.BACKWARD_CONFIG[d]
+        for per_sm in (1, 2, 4):
+            for tile in (4096, 8192, 16384):
+                for warps in (4, 8):
+                    kernels.BACKWARD_CONFIG[d] = (per_sm, tile, warps, 3)
+                    ms = timed(torch.ops.effcc.rms_norm_bwd, dy, x, w, rstd, ds, True)
+                    row = {"d": d, "per_sm": per_sm, "tile": tile, "warps": warps, "stages": 3}
+                    rows.append({**row, "of_copy": 4 * elem / ms / 1e6 / copy})
+        kernels.BACKWARD_CONFIG[d] = tuned
+        best = sorted((r for r in rows if r["d"] == d), key=lambda r: -r["of_copy"])[:3]
+        print(f"d={d} bwd op (copy {copy:.0f} GB/s): {best}", flush=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 

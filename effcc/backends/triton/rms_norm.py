@@ -82,6 +82,7 @@ def _backward_kernel(
     HAS_DS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -92,8 +93,9 @@ def _backward_kernel(
     db = tl.zeros([BLOCK], dtype=tl.float32)
     start = pid.to(tl.int64) * rows_per_program  # int64 offsets: tensors may pass 2³¹ elements
     end = tl.minimum(start + rows_per_program, n_rows)
-    # ROWS rows per step: several rows' loads in flight at once, which one row alone cannot keep up.
-    for first in range(start, end, ROWS):
+    # ROWS rows per step: several rows' loads in flight at once, which one row alone cannot keep up;
+    # STAGES > 1 also issues the next steps' loads while this one computes (software pipelining).
+    for first in tl.range(start, end, ROWS, num_stages=STAGES):
         rows = first + tl.arange(0, ROWS)
         row_ok = rows < end
         mask = row_ok[:, None] & col_ok[None, :]
@@ -131,11 +133,14 @@ def _warps(elements: int) -> int:
     return min(max(elements // 256, 1), 16)
 
 
-# (values per program, warps) for the forward and (programs per SM, values per step, warps) for the
-# backward, by row block: the best of sweeps on an H100 (benchmarks/sweep_rms_norm_tiles.py,
-# benchmarks/results/rms_norm_tiles_h100.json, rms_norm_bwd_programs_h100.json).  Other widths: defaults.
-FORWARD_CONFIG = {512: (2048, 2), 1024: (16384, 8), 2048: (2048, 16), 4096: (2048, 8)}
-BACKWARD_CONFIG = {512: (16, 2048, 2), 1024: (16, 4096, 2), 2048: (4, 2048, 4), 4096: (2, 2048, 4)}
+# (values per program, warps) for the forward and (programs per SM, values per step, warps, pipeline
+# stages) for the backward, by row block: the best of sweeps timed from CUDA-graph replays
+# (benchmarks/sweep_rms_norm_tiles.py): the fused forward on an H100 (rms_norm_tiles_h100.json), the plain
+# forward and the backward on an H200 (rms_norm_stages_h200.json, rms_norm_bwd_op_h200.json: few programs per SM,
+# since each program leaves a row of dγ, dβ partial sums to add up afterwards).  Other widths: the defaults below.
+FORWARD_CONFIG = {512: (2048, 2), 1024: (16384, 8), 2048: (2048, 16), 4096: (2048, 8)}  # with the residual add
+PLAIN_FORWARD_CONFIG = {512: (2048, 4), 1024: (2048, 4), 2048: (2048, 4), 4096: (4096, 8)}  # without it
+BACKWARD_CONFIG = {512: (2, 8192, 4, 3), 1024: (1, 4096, 4, 3), 2048: (1, 8192, 8, 3), 4096: (1, 8192, 8, 3)}
 FORWARD_TILE, BACKWARD_TILE, BACKWARD_PER_SM = 2048, 4096, 4
 
 
@@ -146,7 +151,8 @@ def forward(x2d, residual2d, weight, bias, eps: float, *, tile: int | None = Non
     stream = torch.empty_like(x2d) if residual2d is not None else x2d.new_empty(0)
     rstd = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
     block = _block(n_cols)
-    tuned_tile, tuned_warps = FORWARD_CONFIG.get(block, (FORWARD_TILE, None))
+    configs = FORWARD_CONFIG if residual2d is not None else PLAIN_FORWARD_CONFIG  # half the bytes per row without it
+    tuned_tile, tuned_warps = configs.get(block, (FORWARD_TILE, None))
     rows = _rows_per_tile(block, tile or tuned_tile)
     warps = warps or tuned_warps
     wrap_triton(_forward_kernel)[(triton.cdiv(n_rows, rows),)](
@@ -174,15 +180,15 @@ def forward(x2d, residual2d, weight, bias, eps: float, *, tile: int | None = Non
     return y, stream, rstd
 
 
-def backward(dy2d, x2d, weight, rstd, ds2d, has_bias: bool, sms: int, *, per_sm=None, tile=None, warps=None):
+def backward(dy2d, x2d, weight, rstd, ds2d, has_bias: bool, sms: int, *, per_sm=None, tile=None, warps=None, stages=None):
     """(dx, dγ partial sums, dβ partial sums): sum the partials over dim 0.
 
-    sms: the device's multiprocessors; per_sm, tile, warps override the tuned ones."""
+    sms: the device's multiprocessors; per_sm, tile, warps, stages override the tuned ones."""
     n_rows, n_cols = x2d.shape
     dx = torch.empty_like(x2d)
     block = _block(n_cols)
-    tuned_per_sm, tuned_tile, tuned_warps = BACKWARD_CONFIG.get(block, (BACKWARD_PER_SM, BACKWARD_TILE, None))
-    tile, warps = tile or tuned_tile, warps or tuned_warps
+    tuned_per_sm, tuned_tile, tuned_warps, tuned_stages = BACKWARD_CONFIG.get(block, (BACKWARD_PER_SM, BACKWARD_TILE, None, 3))
+    tile, warps, stages = tile or tuned_tile, warps or tuned_warps, stages or tuned_stages
     programs = max(1, min(sms * (per_sm or tuned_per_sm), n_rows))
     rows_per_program = triton.cdiv(n_rows, programs)
     dw_part = (
@@ -217,6 +223,7 @@ def backward(dy2d, x2d, weight, rstd, ds2d, has_bias: bool, sms: int, *, per_sm=
         HAS_DS=ds2d is not None,
         ROWS=rows,
         BLOCK=block,
+        STAGES=stages,
         num_warps=warps or _warps(rows * block),
     )
     return dx, dw_part, db_part
