@@ -155,6 +155,15 @@ def test_raw_read_of_the_stream_is_refused_and_nothing_changes():
     torch.testing.assert_close(res.model.emb.weight, model.emb.weight, rtol=0, atol=0)
 
 
+def test_a_stream_that_starts_at_the_input_is_refused_for_that_reason():
+    """Blocks applied to an input (a graph after a break): nothing to re-centre it, and export's input guard is no reader."""
+    model = randomize_norms(nn.Sequential(MHABlock(), MHABlock(), nn.LayerNorm(32))).double().eval()
+    res = effcc.optimize(model, (torch.randn(2, 5, 32, dtype=torch.float64),), passes=["ln_to_rmsnorm"])
+    (result,) = res.passes
+    assert not result.changed and len(result.skipped) == 6  # the stream, and its five norms
+    assert all("starts at the input" in s.detail and "_guards_fn" not in s.detail for s in result.skipped)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "bloom"])
 def test_training_stays_equal_across_optimizer_steps(arch):
     """trainable=True: the original weights stay the parameters, re-centred in the graph."""

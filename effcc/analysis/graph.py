@@ -23,7 +23,8 @@ _ROW_PRESERVING = {
 }
 _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
 # Readers that only check metadata; they never consume values.
-IGNORED_READERS = {aten._assert_tensor_metadata.default}
+# Readers of a tensor's metadata (shape, dtype), not its values: a rewrite of the values does not concern them.
+IGNORED_READERS = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
 
 
 def value_of(node) -> torch.Tensor | None:
@@ -58,6 +59,11 @@ def is_transparent(node: fx.Node) -> bool:
     return False
 
 
+def is_input_guard(node: fx.Node) -> bool:
+    """torch.export's check of the inputs' shapes (`_guards_fn`): it reads the inputs, not their values."""
+    return node.op == "call_module" and not node.users
+
+
 def real_users(node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
     """(via, reader) for every node that consumes `node`'s values, looking through transparent ops.
 
@@ -67,6 +73,8 @@ def real_users(node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
         current = stack.pop()
         for user in current.users:
             if user.op == "call_function" and user.target in IGNORED_READERS:
+                continue
+            if is_input_guard(user):
                 continue
             if is_transparent(user) and user.args[0] is current:
                 stack.append(user)

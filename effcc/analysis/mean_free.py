@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .graph import IGNORED_READERS, describe, is_transparent, value_of
+from .graph import IGNORED_READERS, describe, is_input_guard, is_transparent, value_of
 from .patterns import match_linear
 
 aten = torch.ops.aten
@@ -83,9 +83,17 @@ def _plan(node, dim: int, reader: fx.Node, allowed: set[fx.Node], plan: list) ->
             raise NotMeanFree(node, "it broadcasts along the feature axis")
         plan.append(Centre(reader, node, tensor_dim + dim))
         return
-    others = [u for u in node.users if u is not reader and u not in allowed and u.target not in IGNORED_READERS]
+    others = [
+        u
+        for u in node.users
+        if u is not reader and u not in allowed and u.target not in IGNORED_READERS and not is_input_guard(u)
+    ]
     if others:
-        raise NotMeanFree(node, f"its output is also read by {describe(others[0])} ({_op(others[0])}), which would see the change")
+        raise NotMeanFree(
+            node, f"its output is also read by {describe(others[0])} ({_op(others[0])}), which would see the change"
+        )
+    if node.op == "placeholder":
+        raise NotMeanFree(node, f"the stream starts at the input {node.target!r}, which no change of the weights can re-centre")
     if node.op != "call_function":
         raise NotMeanFree(node, f"{node.op} writes into the stream")
     target, args = node.target, node.args
@@ -104,7 +112,11 @@ def _plan(node, dim: int, reader: fx.Node, allowed: set[fx.Node], plan: list) ->
     if target is aten.embedding.default and isinstance(args[0], fx.Node) and args[0].op == "get_attr" and dim == -1:
         plan.append(Centre(node, args[0], 1))
         return
-    if target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default) and isinstance(args[1], fx.Node) and args[1].op == "get_attr":
+    if (
+        target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+        and isinstance(args[1], fx.Node)
+        and args[1].op == "get_attr"
+    ):
         if _ndim(node) + dim != 1:
             raise NotMeanFree(node, "a convolution's output is read along another axis than its channels")
         plan.append(Centre(node, args[1], 0))
