@@ -36,3 +36,12 @@ def steps(description: str, total: int | None) -> Iterator[Callable[..., None]]:
         if owner:
             progress.stop()
             _shown = None
+
+
+def each(items, description: str):
+    """`items`, one after another, with a bar: for the layers of a long pass."""
+    items = list(items)
+    with steps(description, total=len(items)) as advance:
+        for item in items:
+            yield item
+            advance()

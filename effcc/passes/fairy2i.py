@@ -18,6 +18,7 @@ from ..analysis import describe
 from ..errors import UnknownPassError
 from ..ops import complex_linear as cl
 from ..program import Program
+from ..progress import each
 from . import register_pass
 from .base import Guarantee, Pass, SiteLog
 
@@ -43,7 +44,7 @@ class Fairy2i(Pass):
         layers = list(program.graph.find_nodes(op="call_function", target=torch.ops.effcc.widely_linear.default))
         if not layers:
             log.skip("graph", "no widely-linear layer to quantise: run real_to_complex first")
-        for node in layers:
+        for node in each(layers, f"{self.name}: layers"):
             x, *parts, bias = node.args
             a_re, a_im, b_re, b_im = (program.tensor(p.target).double() for p in parts)
             where = describe(node)

@@ -16,6 +16,7 @@ import torch
 from ..analysis import Linear, describe, match_linear, real_users
 from ..ops import quantized_linear as q
 from ..program import Program
+from ..progress import each
 from . import register_pass
 from .base import Guarantee, Pass, SiteLog
 
@@ -67,7 +68,7 @@ class QuantizeW8A8(_Quantize):
     summary = "int8 weights (per output channel) × int8 activations (per token, dynamic), int32 accumulation"
 
     def apply(self, program: Program, log: SiteLog) -> None:
-        for lin in quantizable_linears(program, log, self.include_output_layers):
+        for lin in each(quantizable_linears(program, log, self.include_output_layers), f"{self.name}: linears"):
             w = lin.oriented(program.tensor(lin.weight.target))  # [out, in]
             qweight, scale = q.quantize_weight_int8(w)
             error = ((qweight.double() * scale.double()[:, None] - w.double()).abs().max() / w.double().abs().max()).item()
@@ -83,7 +84,7 @@ class QuantizeW4A16(_Quantize):
     group_size: int = 128
 
     def apply(self, program: Program, log: SiteLog) -> None:
-        for lin in quantizable_linears(program, log, self.include_output_layers):
+        for lin in each(quantizable_linears(program, log, self.include_output_layers), f"{self.name}: linears"):
             w = lin.oriented(program.tensor(lin.weight.target))  # [out, in]
             if w.shape[1] % self.group_size or self.group_size % 2:
                 log.skip(describe(lin.node), f"{w.shape[1]} input features are not a multiple of group_size={self.group_size}")
