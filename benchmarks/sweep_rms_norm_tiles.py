@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from triton.testing import do_bench_cudagraph
@@ -23,6 +24,19 @@ from effcc.backends.triton import rms_norm as kernels
 def timed(fn, *args, **kwargs) -> float:
     """Median milliseconds of fn(*args, **kwargs), replayed from a CUDA graph (so the launch is not timed)."""
     return do_bench_cudagraph(lambda: fn(*args, **kwargs), rep=100, return_mode="median")
+
+
+def width_case(d: int) -> SimpleNamespace:
+    """128 MiB bf16 tensors of rows of width d (x, r, dy, ds), γ, β, an rstd, and the copy bandwidth (GB/s) measured now."""
+    n = 2**26 // d
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    r, dy, ds = (torch.randn_like(x) for _ in range(3))
+    w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
+    b = (0.1 * torch.randn(d, device="cuda")).bfloat16()
+    rstd = torch.rand(n, device="cuda") + 0.5
+    elem = x.numel() * x.element_size()
+    copy = 2 * elem / timed(torch.empty_like(x).copy_, x) / 1e6
+    return SimpleNamespace(x=x, r=r, dy=dy, ds=ds, w=w, b=b, rstd=rstd, elem=elem, copy=copy)
 
 
 def main():
@@ -47,15 +61,8 @@ def main():
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for d in (512, 1024, 2048, 4096):
-        n = 2**26 // d
-        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
-        r, dy, ds = (torch.randn_like(x) for _ in range(3))
-        w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
-        b = (0.1 * torch.randn(d, device="cuda")).bfloat16()
-        elem = x.numel() * x.element_size()
-        out = torch.empty_like(x)
-        copy = 2 * elem / timed(out.copy_, x) / 1e6
-        _, _, rstd = kernels.forward(x, r, w, b, 1e-5)
+        case = width_case(d)
+        x, r, dy, ds, w, b, rstd, elem, copy = case.x, case.r, case.dy, case.ds, case.w, case.b, case.rstd, case.elem, case.copy
         for tile in (1024, 2048, 4096, 8192, 16384):
             for warps in (2, 4, 8, 16):
                 fwd = timed(kernels.forward, x, r, w, b, 1e-5, tile=tile, warps=warps)
@@ -85,14 +92,8 @@ def sweep_backward_programs(out: str) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for d in (512, 1024, 2048, 4096):
-        n = 2**26 // d
-        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
-        dy, ds = torch.randn_like(x), torch.randn_like(x)
-        w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
-        rstd = torch.rand(n, device="cuda") + 0.5
-        elem = x.numel() * x.element_size()
-        copy_out = torch.empty_like(x)
-        copy = 2 * elem / timed(copy_out.copy_, x) / 1e6
+        case = width_case(d)
+        x, dy, ds, w, rstd, elem, copy = case.x, case.dy, case.ds, case.w, case.rstd, case.elem, case.copy
         for per_sm in (2, 4, 8, 16):
             for tile in (1024, 2048, 4096):
                 for warps in (2, 4, 8, 16):
@@ -109,15 +110,8 @@ def sweep_plain_forward_and_stages(out: str) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for d in (512, 1024, 2048, 4096):
-        n = 2**26 // d
-        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
-        dy, ds = torch.randn_like(x), torch.randn_like(x)
-        w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
-        b = (0.1 * torch.randn(d, device="cuda")).bfloat16()
-        rstd = torch.rand(n, device="cuda") + 0.5
-        elem = x.numel() * x.element_size()
-        copy_out = torch.empty_like(x)
-        copy = 2 * elem / timed(copy_out.copy_, x) / 1e6
+        case = width_case(d)
+        x, dy, ds, w, b, rstd, elem, copy = case.x, case.dy, case.ds, case.w, case.b, case.rstd, case.elem, case.copy
         for tile in (2048, 4096, 8192, 16384, 32768):
             for warps in (4, 8, 16):
                 ms = timed(kernels.forward, x, None, w, b, 1e-5, tile=tile, warps=warps)
@@ -144,14 +138,8 @@ def sweep_backward_op(out: str) -> None:
 
     rows = []
     for d in (512, 1024, 2048, 4096):
-        n = 2**26 // d
-        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
-        dy, ds = torch.randn_like(x), torch.randn_like(x)
-        w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
-        rstd = torch.rand(n, device="cuda") + 0.5
-        elem = x.numel() * x.element_size()
-        copy_out = torch.empty_like(x)
-        copy = 2 * elem / timed(copy_out.copy_, x) / 1e6
+        case = width_case(d)
+        x, dy, ds, w, rstd, elem, copy = case.x, case.dy, case.ds, case.w, case.rstd, case.elem, case.copy
         tuned = kernels.BACKWARD_CONFIG[d]
         for per_sm in (1, 2, 4):
             for tile in (4096, 8192, 16384):

@@ -77,21 +77,13 @@ class Report:
     def __rich__(self):
         seconds = sum(p.seconds for p in self.passes)
         table = Table(title=f"effcc: {self.model} ({seconds:.1f}s in passes)", title_justify="left", expand=False)
-        for column in ("pass", "guarantee", "changed", "skipped", "err (f64)", "tol", "FLOPs", "weights MiB"):
+        # The files' summary, less the absolute error and the seconds (the title has the total).
+        shown = [i for i, column in enumerate(_COLUMNS) if column not in ("max abs (f64)", "seconds")]
+        for i in shown:
+            column = {"max rel (f64)": "err (f64)"}.get(_COLUMNS[i], _COLUMNS[i])
             table.add_column(column, justify="left" if column in ("pass", "guarantee") else "right", no_wrap=True)
-        if self.capture is not None:
-            table.add_row("(capture)", "", "", "", f"{self.capture.max_rel:.1e}", "", "", "")
-        for p in self.passes:
-            table.add_row(
-                p.name,
-                str(p.guarantee),
-                str(len(p.changed)),
-                str(len(p.skipped)),
-                _error_cell(p, lambda c: c.max_rel),
-                _tolerance_cell(p),
-                _flops_cell(p),
-                _bytes_cell(p),
-            )
+        for row in _summary_rows(self):
+            table.add_row(*(row[i] for i in shown))
         parts = [table]
         for p in self.passes:
             for site in p.changed:
