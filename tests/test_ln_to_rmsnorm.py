@@ -155,13 +155,19 @@ def test_raw_read_of_the_stream_is_refused_and_nothing_changes():
     torch.testing.assert_close(res.model.emb.weight, model.emb.weight, rtol=0, atol=0)
 
 
-def test_a_stream_that_starts_at_the_input_is_refused_for_that_reason():
-    """Blocks applied to an input (a graph after a break): nothing to re-centre it, and export's input guard is no reader."""
+def test_a_stream_that_starts_at_an_input_is_centred_in_the_graph():
+    """Blocks applied to an input (as in a graph after a graph break): x − mean(x) once, then every LayerNorm is an RMSNorm."""
     model = randomize_norms(nn.Sequential(MHABlock(), MHABlock(), nn.LayerNorm(32))).double().eval()
-    res = effcc.optimize(model, (torch.randn(2, 5, 32, dtype=torch.float64),), passes=["ln_to_rmsnorm"])
+    x = torch.randn(2, 5, 32, dtype=torch.float64) + 3.0  # far from mean-free
+    res = effcc.optimize(model, (x,), passes=["ln_to_rmsnorm"])
     (result,) = res.passes
-    assert not result.changed and len(result.skipped) == 6  # the stream, and its five norms
-    assert all("starts at the input" in s.detail and "_guards_fn" not in s.detail for s in result.skipped)
+    assert len(result.changed) == 1 and "input input centred in the graph; 5 LayerNorm(s) → RMSNorm" in result.changed[0].detail
+    assert result.comparison.max_rel < 1e-10  # verified in float64 by the pipeline; and again on another shape:
+    assert effcc.verify(model, res, (torch.randn(3, 7, 32, dtype=torch.float64) - 2.0,)).within(1e-10)
+    assert _ops(res.model, aten.layer_norm.default) == 0 and _ops(res.model, aten.rms_norm.default) == 5
+    # Pre-CRMSNorm would need the input to arrive with d − 1 features: refused, with the reason
+    (crms,) = effcc.optimize(model, (x,), passes=["ln_to_crmsnorm"]).passes
+    assert not crms.changed and any("starts at a model input" in s.detail for s in crms.skipped)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bloom"])

@@ -2,7 +2,8 @@
 
 A value is made mean-free by re-centring the stored tensors that produce it: a linear's
 weight rows (W ← W − 1·mean_rows(W)) and bias, an embedding table's rows, a convolution's
-output channels, a parameter added directly (ViT's position embeddings).  Ops in between
+output channels, a parameter added directly (ViT's position embeddings); a model input it
+starts from (a graph that begins mid-model, after a graph break) is centred in the graph.  Ops in between
 must keep "mean-free" true: views, transposes that carry the feature axis, concatenation
 along another axis, sums of mean-free values, scaling by a constant.  `plan_mean_free`
 walks back from a value and returns the re-centrings to do, or raises NotMeanFree with
@@ -37,6 +38,14 @@ class NormTable:
 
     norm: fx.Node
     embedding: fx.Node
+
+
+@dataclass(frozen=True)
+class CentreInput:
+    """`node` (a model input the stream starts at) − its mean along `axis`, computed in the graph for every reader."""
+
+    node: fx.Node
+    axis: int
 
 
 @dataclass(frozen=True)
@@ -92,8 +101,9 @@ def _plan(node, dim: int, reader: fx.Node, allowed: set[fx.Node], plan: list) ->
         raise NotMeanFree(
             node, f"its output is also read by {describe(others[0])} ({_op(others[0])}), which would see the change"
         )
-    if node.op == "placeholder":
-        raise NotMeanFree(node, f"the stream starts at the input {node.target!r}, which no change of the weights can re-centre")
+    if node.op == "placeholder":  # no weight writes it: centre it in the graph (one mean and one subtraction)
+        plan.append(CentreInput(node, dim))
+        return
     if node.op != "call_function":
         raise NotMeanFree(node, f"{node.op} writes into the stream")
     target, args = node.target, node.args

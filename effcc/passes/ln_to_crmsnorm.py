@@ -20,7 +20,7 @@ from torch import fx
 
 from ..analysis import linears_reading
 from ..analysis.graph import is_transparent, value_of
-from ..analysis.mean_free import Centre, Through
+from ..analysis.mean_free import Centre, CentreInput, Through
 from ..program import Program
 from . import register_pass
 from .base import Guarantee, Pass, SiteLog
@@ -43,7 +43,15 @@ class LayerNormToCRMSNorm(Pass):
         changed = False
         for stream, norms, plan in convertible_streams(program, log):
             width = stream.hidden_size
-            centre_writers(program, plan, trainable=False, write=lambda p, action: _centre_and_drop_last(p, action, width))
+            if any(isinstance(step, CentreInput) for step in plan):
+                log.skip(
+                    stream_name(stream),
+                    "the stream starts at a model input, which would have to arrive with d − 1 features; ln_to_rmsnorm converts it",
+                )
+                continue
+            centre_writers(
+                program, plan, trainable=False, write=lambda p, action, width=width: _centre_and_drop_last(p, action, width)
+            )
             for step in plan:
                 if isinstance(step, Through):
                     _narrow_shape_args(step.node, step.axis, width)

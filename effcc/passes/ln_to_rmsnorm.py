@@ -25,8 +25,8 @@ import torch
 from torch import fx
 
 from ..analysis import describe, residual_streams
-from ..analysis.graph import real_users, source_of, value_of
-from ..analysis.mean_free import Centre, NormTable, NotMeanFree, plan_mean_free
+from ..analysis.graph import is_input_guard, real_users, source_of, value_of
+from ..analysis.mean_free import Centre, CentreInput, NormTable, NotMeanFree, plan_mean_free
 from ..analysis.residual import ResidualStream
 from ..program import Program
 from . import register_pass
@@ -52,7 +52,11 @@ class LayerNormToRMSNorm(Pass):
             centre_writers(program, plan, trainable=self.trainable)
             for norm in norms:
                 to_rms_norm(program, norm)
-            log.change(stream_name(stream), f"{_count(plan)} writer tensor(s) re-centred; {len(norms)} LayerNorm(s) → RMSNorm")
+            inputs = [a.node.target for a in plan if isinstance(a, CentreInput)]
+            centred = f"; input {', '.join(inputs)} centred in the graph" if inputs else ""
+            log.change(
+                stream_name(stream), f"{_count(plan)} writer tensor(s) re-centred{centred}; {len(norms)} LayerNorm(s) → RMSNorm"
+            )
 
 
 def convertible_streams(program: Program, log: SiteLog):
@@ -93,7 +97,9 @@ def plan_stream(stream: ResidualStream) -> list:
         if reader.op == "output":
             raise NotMeanFree(reader, "the stream itself is an output of the model")
         if reader.target is not aten.layer_norm.default:
-            raise NotMeanFree(reader, f"reads the stream directly ({getattr(reader.target, '__name__', reader.op)}), not through a LayerNorm")
+            raise NotMeanFree(
+                reader, f"reads the stream directly ({getattr(reader.target, '__name__', reader.op)}), not through a LayerNorm"
+            )
         if list(reader.args[1]) != [width]:
             raise NotMeanFree(reader, f"normalises over {list(reader.args[1])}, not the {width} features")
     on_stream = set(stream.adds)
@@ -115,6 +121,9 @@ def centre_writers(program: Program, plan: list, *, trainable: bool, write=None)
     write = write or (centre_in_graph if trainable else centre_stored_tensor)
     done = set()
     for action in plan:
+        if isinstance(action, CentreInput) and action not in done:
+            done.add(action)
+            centre_input(program, action)
         if not isinstance(action, (Centre, NormTable)):
             continue
         if isinstance(action, NormTable):
@@ -142,6 +151,19 @@ def centre_in_graph(program: Program, action: Centre) -> None:
         centred = graph.call_function(aten.sub.Tensor, (action.attr, mean))
     centred.meta = dict(action.attr.meta)
     action.reader.replace_input_with(action.attr, centred)
+
+
+def centre_input(program: Program, action: CentreInput) -> None:
+    """Every reader of the input x reads x − mean(x) instead (x starts the stream; its readers are on it)."""
+    graph, x = program.graph, action.node
+    readers = [user for user in x.users if not is_input_guard(user)]
+    with graph.inserting_after(list(graph.find_nodes(op="placeholder"))[-1]):  # the inputs stay first
+        mean = graph.call_function(aten.mean.dim, (x, [action.axis], True))
+    with graph.inserting_after(mean):
+        centred = graph.call_function(aten.sub.Tensor, (x, mean))
+    mean.meta, centred.meta = {}, dict(x.meta)
+    for reader in readers:
+        reader.replace_input_with(x, centred)
 
 
 def normalise_embedding_table(program: Program, action: NormTable, trainable: bool) -> fx.Node:
