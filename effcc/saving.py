@@ -291,12 +291,7 @@ def _as_kind(value: torch.Tensor, entry: dict) -> torch.Tensor:
 
 def attach_tensor(root: nn.Module, name: str, value: torch.Tensor, kind: str) -> None:
     """Put `value` at the dotted `name` under `root`, as the parameter, buffer or constant (`kind`) it was."""
-    *path, leaf = name.split(".")
-    module = root
-    for part in path:
-        if not hasattr(module, part):
-            module.add_module(part, nn.Module())
-        module = getattr(module, part)
+    module, leaf = _owner(root, name)
     if kind == "parameter":
         module.register_parameter(leaf, value)
     elif kind == "buffer":
@@ -317,10 +312,9 @@ def build_graph_module(root: nn.Module, description: dict, source: str) -> fx.Gr
             target = resolve_target(target, where)
         elif op == "get_attr":
             if "subgraph" in entry:
-                _set_module(
-                    root, python_name(target, where, dotted=True), build_graph_module(nn.Module(), entry["subgraph"], source)
-                )
-            elif not isinstance(_get(root, python_name(target, where, dotted=True)), torch.Tensor):
+                owner, leaf = _owner(root, python_name(target, where, dotted=True))
+                owner.add_module(leaf, build_graph_module(nn.Module(), entry["subgraph"], source))
+            elif not _holds_tensor(root, python_name(target, where, dotted=True)):
                 raise EffccError(f"{where}: reads {target!r}, which is not one of the saved tensors")
         elif op in ("placeholder", "output"):
             python_name(target, where)
@@ -446,19 +440,21 @@ def _treespec(text: str, where: str):
         ) from None
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(the module under `root` that holds the dotted `name`, made empty where missing; the name's last part)."""
     *path, leaf = name.split(".")
     for part in path:
         if not hasattr(root, part):
             root.add_module(part, nn.Module())
         root = getattr(root, part)
-    root.add_module(leaf, module)
+    return root, leaf
 
 
-def _get(root: nn.Module, name: str):
-    for part in name.split("."):
-        root = getattr(root, part, None)
-    return root
+def _holds_tensor(root: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(stored(root, name), torch.Tensor)
+    except AttributeError:
+        return False
 
 
 def _to_device(device: torch.device):

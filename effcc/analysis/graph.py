@@ -64,6 +64,11 @@ def is_input_guard(node: fx.Node) -> bool:
     return node.op == "call_module" and not node.users
 
 
+def reads_values(user: fx.Node) -> bool:
+    """False for nodes that take a tensor only for its metadata (shape checks, sizes, export's input guard)."""
+    return not ((user.op == "call_function" and user.target in IGNORED_READERS) or is_input_guard(user))
+
+
 def real_users(node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
     """(via, reader) for every node that consumes `node`'s values, looking through transparent ops.
 
@@ -72,9 +77,7 @@ def real_users(node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
     while stack:
         current = stack.pop()
         for user in current.users:
-            if user.op == "call_function" and user.target in IGNORED_READERS:
-                continue
-            if is_input_guard(user):
+            if not reads_values(user):
                 continue
             if is_transparent(user) and user.args[0] is current:
                 stack.append(user)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .graph import IGNORED_READERS, describe, is_input_guard, is_transparent, value_of
+from .graph import describe, is_transparent, reads_values, value_of
 from .patterns import match_linear
 
 aten = torch.ops.aten
@@ -92,11 +92,7 @@ def _plan(node, dim: int, reader: fx.Node, allowed: set[fx.Node], plan: list) ->
             raise NotMeanFree(node, "it broadcasts along the feature axis")
         plan.append(Centre(reader, node, tensor_dim + dim))
         return
-    others = [
-        u
-        for u in node.users
-        if u is not reader and u not in allowed and u.target not in IGNORED_READERS and not is_input_guard(u)
-    ]
+    others = [u for u in node.users if u is not reader and u not in allowed and reads_values(u)]
     if others:
         raise NotMeanFree(
             node, f"its output is also read by {describe(others[0])} ({_op(others[0])}), which would see the change"
