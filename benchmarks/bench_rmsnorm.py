@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -110,7 +111,10 @@ def _output(out):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def model_rows(name, model, inputs, train: bool, only=None) -> list[dict]:
+def model_rows(name, model, inputs, train: bool, only=None, rounds: int = 1) -> list[dict]:
+    """One row per variant; with rounds > 1 the compiled variants stay alive (Dynamo keeps one cache entry per
+    backend) and are timed again in alternating order, each figure the median of its rounds, so that drift of
+    the clock or the heat hits all of them alike."""
     model.eval()  # dropout is 0 anyway; eval keeps the graphs the same
     reference = None
     rows = []
@@ -128,10 +132,13 @@ def model_rows(name, model, inputs, train: bool, only=None) -> list[dict]:
         ("effcc crmsnorm, no kernels", lambda: torch.compile(model, backend="effcc", options={**crmsnorm, "kernels": False}), False),
     ]
     torch._functorch.config.donated_buffer = True  # whole training steps run as they would for a user
+    torch._dynamo.reset()
+    timers = {}  # label -> the callables timed again in later rounds
     for label, make, trains in variants:
         if only and label not in only and label != "inductor":
             continue
-        torch._dynamo.reset()
+        if rounds == 1:
+            torch._dynamo.reset()
         fn = make()
         with torch.no_grad():
             start = time.perf_counter()
@@ -152,8 +159,25 @@ def model_rows(name, model, inputs, train: bool, only=None) -> list[dict]:
 
             step()
             row["train_step_ms"] = bench(step, ms=1000)
+            timers[label] = (fn, step)
+        else:
+            timers[label] = (fn, None)
         rows.append(row)
         print(row, flush=True)
+    for round_ in range(1, rounds):
+        order = rows if round_ % 2 else rows[::-1]
+        for row in order:
+            fn, step = timers[row["variant"]]
+            with torch.no_grad():
+                row.setdefault("forward_rounds_ms", [row["forward_ms"]]).append(bench(lambda fn=fn: fn(*inputs)))
+            if step is not None:
+                row.setdefault("train_rounds_ms", [row["train_step_ms"]]).append(bench(step, ms=1000))
+        print(f"round {round_ + 1}/{rounds} done", flush=True)
+    for row in rows:
+        if "forward_rounds_ms" in row:
+            row["forward_ms"] = statistics.median(row["forward_rounds_ms"])
+        if "train_rounds_ms" in row:
+            row["train_step_ms"] = statistics.median(row["train_rounds_ms"])
     base = next(r for r in rows if r["variant"] == "inductor")
     for r in rows:
         r["forward_vs_inductor"] = base["forward_ms"] / r["forward_ms"]
@@ -168,7 +192,8 @@ def main():
     parser.add_argument("--models", default="gpt2-medium,vit-l16,narrow-long", help="comma-separated; 'none' for kernels only")
     parser.add_argument("--no-kernel-rows", action="store_true", help="skip the kernel bandwidth table")
     parser.add_argument("--no-train", action="store_true", help="forward only")
-    parser.add_argument("--variants", help="comma-separated variant labels to run (Inductor always runs: the baseline)")
+    parser.add_argument("--variants", help="variant labels to run, separated by | (Inductor always runs: the baseline)")
+    parser.add_argument("--rounds", type=int, default=1, help="time every variant this many times, interleaved; report medians")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rmsnorm.json")
     args = parser.parse_args()
     import logging
@@ -187,7 +212,7 @@ def main():
     for key in [k for k in args.models.split(",") if k != "none"]:
         name, model, inputs, train = makers[key]()
         train = train and not args.no_train
-        result["models"] += model_rows(name, model, inputs, train, only=args.variants.split(",") if args.variants else None)
+        result["models"] += model_rows(name, model, inputs, train, only=args.variants.split("|") if args.variants else None, rounds=args.rounds)
         del model
         torch.cuda.empty_cache()
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench_cudagraph
 
 from effcc.backends.triton import rms_norm as kernels
@@ -26,9 +27,10 @@ def timed(fn, *args, **kwargs) -> float:
     return do_bench_cudagraph(lambda: fn(*args, **kwargs), rep=100, return_mode="median")
 
 
-def width_case(d: int) -> SimpleNamespace:
-    """128 MiB bf16 tensors of rows of width d (x, r, dy, ds), γ, β, an rstd, and the copy bandwidth (GB/s) measured now."""
-    n = 2**26 // d
+def width_case(d: int, n: int | None = None) -> SimpleNamespace:
+    """bf16 tensors of n rows of width d (x, r, dy, ds; 128 MiB each by default), γ, β, an rstd, and the copy
+    bandwidth (GB/s) measured now."""
+    n = n or 2**26 // d
     x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
     r, dy, ds = (torch.randn_like(x) for _ in range(3))
     w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
@@ -49,11 +51,15 @@ def main():
         help="the forward without residual (its own tiles), and the backward with software-pipelined row steps",
     )
     parser.add_argument(
-        "--backward-op", action="store_true", help="the backward op as the model calls it (kernel + sum of the dγ, dβ partials)"
+        "--backward-op", action="store_true", help="the backward as the model calls it (kernel, then dγ, dβ gathered)"
     )
+    parser.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="with --backward-op")
+    parser.add_argument("--model-shapes", action="store_true", help="forward tiles at models' sizes, against Inductor's kernels")
     args = parser.parse_args()
+    if args.model_shapes:
+        return sweep_model_shapes(args.out)
     if args.backward_op:
-        return sweep_backward_op(args.out)
+        return sweep_backward_op(args.out, args.widths)
     if args.backward_programs:
         return sweep_backward_programs(args.out)
     if args.plain_and_stages:
@@ -132,27 +138,68 @@ def sweep_plain_forward_and_stages(out: str) -> None:
     Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 
-def sweep_backward_op(out: str) -> None:
-    """Backward configurations timed through torch.ops.effcc.rms_norm_bwd, partial sums included."""
-    import effcc.ops.norms  # noqa: F401 - registers the op
-
+def sweep_backward_op(out: str, widths=(512, 1024, 2048, 4096)) -> None:
+    """The backward as the model calls it (kernel, then dγ, dβ gathered by atomics or by summing partials)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    for d in (512, 1024, 2048, 4096):
+    for d in widths:
         case = width_case(d)
         x, dy, ds, w, rstd, elem, copy = case.x, case.dy, case.ds, case.w, case.rstd, case.elem, case.copy
         tuned = kernels.BACKWARD_CONFIG[d]
+        configs = [(*tuned[:4], tuned[4], False)]  # the tuned kernel with partials summed afterwards: the old way
         for per_sm in (1, 2, 4):
             for tile in (4096, 8192, 16384):
                 for warps in (4, 8):
-                    kernels.BACKWARD_CONFIG[d] = (per_sm, tile, warps, 3)
-                    ms = timed(torch.ops.effcc.rms_norm_bwd, dy, x, w, rstd, ds, True)
-                    row = {"d": d, "per_sm": per_sm, "tile": tile, "warps": warps, "stages": 3}
-                    rows.append({**row, "of_copy": 4 * elem / ms / 1e6 / copy})
-        kernels.BACKWARD_CONFIG[d] = tuned
+                    for stages in (3, 4):
+                        configs += [(per_sm, tile, warps, stages, at_end, True) for at_end in (False, True)]
+        first = len(rows)
+        for per_sm, tile, warps, stages, at_end, atomic in configs:
+            knobs = {"per_sm": per_sm, "tile": tile, "warps": warps, "stages": stages, "sum_at_end": at_end, "atomic": atomic}
+            try:
+                ms = timed(kernels.backward, dy, x, w, rstd, ds, True, sms, **knobs)
+            except (RuntimeError, OutOfResources) as error:  # out of registers or shared memory: skip that point
+                print(f"d={d} {knobs}: {type(error).__name__}", flush=True)
+                continue
+            rows.append({"d": d, **knobs, "of_copy": 4 * elem / ms / 1e6 / copy})
         best = sorted((r for r in rows if r["d"] == d), key=lambda r: -r["of_copy"])[:3]
-        print(f"d={d} bwd op (copy {copy:.0f} GB/s): {best}", flush=True)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+        print(f"d={d} bwd op (copy {copy:.0f} GB/s): old way {rows[first]}; best {best}", flush=True)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+def sweep_model_shapes(out: str) -> None:
+    """Forward tiles at the sizes models run (a ViT-L/16 batch, GPT-2-medium's, a narrow long decoder), against
+    Inductor's kernels for the same math: small tensors fill few waves of programs, unlike the 128 MiB sweeps."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    compiled_add_norm = torch.compile(lambda x, r, w, b: (torch.nn.functional.rms_norm(x + r, [x.shape[-1]], w, 1e-5) + b, x + r))
+    compiled_norm = torch.compile(lambda x, w, b: torch.nn.functional.rms_norm(x, [x.shape[-1]], w, 1e-5) + b)
+    rows = []
+    for name, d, n in (("ViT-L/16 32x197", 1024, 32 * 197), ("GPT-2-medium 8x1024", 1024, 8192), ("d=512 4x4096", 512, 16384)):
+        case = width_case(d, n)
+        x, r, w, b, elem, copy = case.x, case.r, case.w, case.b, case.elem, case.copy
+        inductor = {
+            "fused": timed(compiled_add_norm, x, r, w, b),
+            "plain": timed(compiled_norm, x, w, b),
+        }
+        for kind, moved in (("fused", 4), ("plain", 2)):
+            residual = r if kind == "fused" else None
+            for tile in (512, 1024, 2048, 4096, 8192, 16384):
+                if tile < d:
+                    continue
+                for warps in (2, 4, 8):
+                    ms = timed(kernels.forward, x, residual, w, b, 1e-5, tile=tile, warps=warps)
+                    row = {"shape": name, "d": d, "rows": n, "kind": kind, "tile": tile, "warps": warps, "programs": -(-n // (tile // d))}
+                    rows.append({**row, "us": 1e3 * ms, "of_copy": moved * elem / ms / 1e6 / copy, "vs_inductor": inductor[kind] / ms})
+            ms = timed(kernels.forward, x, residual, w, b, 1e-5)
+            best = max((q for q in rows if q["shape"] == name and q["kind"] == kind), key=lambda q: q["vs_inductor"])
+            print(
+                f"{name} {kind}: Inductor {1e3 * inductor[kind]:.1f} us, tuned {1e3 * ms:.1f} us ({inductor[kind] / ms:.3f}x), "
+                f"best tile {best['tile']} warps {best['warps']} ({best['programs']} programs, {sms} SMs) {best['us']:.1f} us "
+                f"({best['vs_inductor']:.3f}x)",
+                flush=True,
+            )
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _inputs(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    make = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g)).to(DEVICE, dtype).requires_grad_()  # noqa: E731
+    make = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g)).to(DEVICE, dtype).requires_grad_()
     d = shape[-1]
     return make(*shape), make(*shape, scale=0.5), (1 + 0.3 * torch.randn(d, generator=g)).to(DEVICE, dtype).requires_grad_(), make(d, scale=0.2)
 
@@ -79,3 +79,45 @@ def test_lowering_fuses_residual_adds_and_keeps_outputs():
     assert aten.rms_norm.default not in targets
     with torch.no_grad():
         torch.testing.assert_close(gm(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "partials"])
+@pytest.mark.parametrize("sum_at_end", [False, True], ids=["sum-each-step", "sum-at-end"])
+def test_backward_sums_over_programs(atomic, sum_at_end):
+    """dγ, dβ gathered from several programs (each a slice of rows), added by atomics or as partials."""
+    from effcc.backends.triton import rms_norm as kernels
+
+    g = torch.Generator().manual_seed(3)
+    x, dy, ds = (torch.randn(37, 48, generator=g).to(DEVICE) for _ in range(3))
+    w = (1 + 0.3 * torch.randn(48, generator=g)).to(DEVICE)
+    rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-5)
+    # 3 "SMs" × 2 programs, 4 rows per step: 7 rows per program, so the last step of each is partly masked.
+    dx, dw, db = kernels.backward(dy, x, w, rstd, ds, True, 3, per_sm=2, tile=4 * 64, stages=1, sum_at_end=sum_at_end, atomic=atomic)
+    want_dx, want_dw, want_db = (t.double() for t in _reference_grads(dy, x, w, rstd, ds))
+    torch.testing.assert_close(dx.double(), want_dx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw.double(), want_dw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db.double(), want_db, rtol=1e-5, atol=1e-5)
+    assert dw.shape == db.shape == (48,)
+
+
+def _reference_grads(dy, x, w, rstd, ds):
+    from effcc.ops.norms import _reference_backward
+
+    return _reference_backward(dy.double(), x.double(), w.double(), rstd.double(), ds.double(), True)
+
+
+def test_deterministic_mode_sums_partials_in_a_fixed_order():
+    from effcc.backends.triton import rms_norm as kernels
+
+    g = torch.Generator().manual_seed(4)
+    x, dy = (torch.randn(64, 32, generator=g).to(DEVICE) for _ in range(2))
+    rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-5)
+    w = torch.ones(32, device=DEVICE)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [kernels.backward(dy, x, w, rstd, None, True, 4, per_sm=4)[1:] for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+    torch.testing.assert_close(runs[0][1], dy.sum(0), rtol=1e-5, atol=1e-5)

@@ -55,8 +55,8 @@ def _kernel_fwd(x, residual, weight, bias, eps):
 
 def _kernel_bwd(dy, x, weight, rstd, ds, has_bias):
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    dx, dw_part, db_part = kernels.backward(_rows(dy), _rows(x), weight, rstd.reshape(-1), _rows(ds) if ds is not None else None, has_bias, sms)
-    return dx.view(x.shape), dw_part.sum(0), db_part.sum(0)
+    dx, dw, db = kernels.backward(_rows(dy), _rows(x), weight, rstd.reshape(-1), _rows(ds) if ds is not None else None, has_bias, sms)
+    return dx.view(x.shape), dw, db
 
 
 @triton_op("effcc::rms_norm_fwd", mutates_args=())

@@ -4,8 +4,10 @@ A program normalises a tile of whole rows in registers (BLOCK is the next power 
 the width; narrow rows are taken several at a time), so each element of x is read once and
 y written once: the kernel is bound by memory bandwidth, which the benchmark holds it to.
 The backward walks a slice of rows, several per step so that enough loads are in flight,
-computes dx per row and accumulates dγ, dβ per program (one partial sum per program,
-summed afterwards), so no atomics are needed.
+computes dx per row and accumulates dγ, dβ per program.  The programs' sums are then added
+into dγ, dβ with atomics: a separate reduction of per-program partials cost two more kernels,
+6% of the backward at d = 512.  Atomic float adds land in any order, so the last bits vary from
+run to run; under torch.use_deterministic_algorithms the partials are summed afterwards instead.
 
 Runs on the CPU under TRITON_INTERPRET=1 (tests in CI), on CUDA otherwise.
 """
@@ -83,14 +85,22 @@ def _backward_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    SUM_AT_END: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    db = tl.zeros([BLOCK], dtype=tl.float32)
+    # SUM_AT_END keeps a tile of sums and reduces its rows once after the loop: no cross-warp
+    # reduction in every step, at the price of registers.
+    if SUM_AT_END:
+        dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        db = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    else:
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        db = tl.zeros([BLOCK], dtype=tl.float32)
     start = pid.to(tl.int64) * rows_per_program  # int64 offsets: tensors may pass 2³¹ elements
     end = tl.minimum(start + rows_per_program, n_rows)
     # ROWS rows per step: several rows' loads in flight at once, which one row alone cannot keep up;
@@ -110,14 +120,30 @@ def _backward_kernel(
         if HAS_DS:  # the stream's own gradient (fused residual add): d(a + b) flows to both
             dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_WEIGHT:
-            dw += tl.sum(dy * xhat, axis=0)
-        if HAS_BIAS:
-            db += tl.sum(dy, axis=0)
+        if SUM_AT_END:
+            if HAS_WEIGHT:
+                dw += dy * xhat
+            if HAS_BIAS:
+                db += dy
+        else:
+            if HAS_WEIGHT:
+                dw += tl.sum(dy * xhat, axis=0)
+            if HAS_BIAS:
+                db += tl.sum(dy, axis=0)
+    if SUM_AT_END:
+        dw = tl.sum(dw, axis=0)
+        db = tl.sum(db, axis=0)
+    # ATOMIC: DW_PART, DB_PART are the zeroed dγ, dβ themselves; otherwise one row of partials per program.
     if HAS_WEIGHT:
-        tl.store(DW_PART + pid * n_cols + cols, dw, mask=col_ok)
+        if ATOMIC:
+            tl.atomic_add(DW_PART + cols, dw, mask=col_ok, sem="relaxed")
+        else:
+            tl.store(DW_PART + pid * n_cols + cols, dw, mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB_PART + pid * n_cols + cols, db, mask=col_ok)
+        if ATOMIC:
+            tl.atomic_add(DB_PART + cols, db, mask=col_ok, sem="relaxed")
+        else:
+            tl.store(DB_PART + pid * n_cols + cols, db, mask=col_ok)
 
 
 def _block(n_cols: int) -> int:
@@ -134,13 +160,18 @@ def _warps(elements: int) -> int:
 
 
 # (values per program, warps) for the forward and (programs per SM, values per step, warps, pipeline
-# stages) for the backward, by row block: the best of sweeps timed from CUDA-graph replays
+# stages, sum at end) for the backward, by row block: the best of sweeps timed from CUDA-graph replays
 # (benchmarks/sweep_rms_norm_tiles.py): the fused forward on an H100 (rms_norm_tiles_h100.json), the plain
 # forward and the backward on an H200 (rms_norm_stages_h200.json, rms_norm_bwd_op_h200.json: few programs per SM,
 # since each program leaves a row of dγ, dβ partial sums to add up afterwards).  Other widths: the defaults below.
 FORWARD_CONFIG = {512: (2048, 2), 1024: (16384, 8), 2048: (2048, 16), 4096: (2048, 8)}  # with the residual add
 PLAIN_FORWARD_CONFIG = {512: (2048, 4), 1024: (2048, 4), 2048: (2048, 4), 4096: (4096, 8)}  # without it
-BACKWARD_CONFIG = {512: (2, 8192, 4, 3), 1024: (1, 4096, 4, 3), 2048: (1, 8192, 8, 3), 4096: (1, 8192, 8, 3)}
+BACKWARD_CONFIG = {
+    512: (2, 8192, 4, 3, False),
+    1024: (1, 4096, 4, 3, False),
+    2048: (1, 8192, 8, 3, False),
+    4096: (1, 8192, 8, 3, False),
+}
 FORWARD_TILE, BACKWARD_TILE, BACKWARD_PER_SM = 2048, 4096, 4
 
 
@@ -180,27 +211,28 @@ def forward(x2d, residual2d, weight, bias, eps: float, *, tile: int | None = Non
     return y, stream, rstd
 
 
-def backward(dy2d, x2d, weight, rstd, ds2d, has_bias: bool, sms: int, *, per_sm=None, tile=None, warps=None, stages=None):
-    """(dx, dγ partial sums, dβ partial sums): sum the partials over dim 0.
+def backward(
+    dy2d, x2d, weight, rstd, ds2d, has_bias: bool, sms: int, *, per_sm=None, tile=None, warps=None, stages=None,
+    sum_at_end=None, atomic=None,
+):
+    """(dx, dγ, dβ) in float32 (dγ, dβ empty when absent) for rows of x2d.
 
-    sms: the device's multiprocessors; per_sm, tile, warps, stages override the tuned ones."""
+    sms: the device's multiprocessors; per_sm, tile, warps, stages, sum_at_end override the tuned ones;
+    atomic defaults to on unless torch.use_deterministic_algorithms is."""
     n_rows, n_cols = x2d.shape
     dx = torch.empty_like(x2d)
     block = _block(n_cols)
-    tuned_per_sm, tuned_tile, tuned_warps, tuned_stages = BACKWARD_CONFIG.get(block, (BACKWARD_PER_SM, BACKWARD_TILE, None, 3))
-    tile, warps, stages = tile or tuned_tile, warps or tuned_warps, stages or tuned_stages
-    programs = max(1, min(sms * (per_sm or tuned_per_sm), n_rows))
+    tuned = BACKWARD_CONFIG.get(block, (BACKWARD_PER_SM, BACKWARD_TILE, None, 3, False))
+    per_sm, tile, warps, stages = per_sm or tuned[0], tile or tuned[1], warps or tuned[2], stages or tuned[3]
+    sum_at_end = tuned[4] if sum_at_end is None else sum_at_end
+    atomic = not torch.are_deterministic_algorithms_enabled() if atomic is None else atomic
+    programs = max(1, min(sms * per_sm, n_rows))
     rows_per_program = triton.cdiv(n_rows, programs)
-    dw_part = (
-        torch.empty((programs, n_cols), device=x2d.device, dtype=torch.float32)
-        if weight is not None
-        else x2d.new_empty(0, dtype=torch.float32)
-    )
-    db_part = (
-        torch.empty((programs, n_cols), device=x2d.device, dtype=torch.float32)
-        if has_bias
-        else x2d.new_empty(0, dtype=torch.float32)
-    )
+    # Atomic: the programs add into one zeroed row each of dγ, dβ; otherwise each writes its own row of partials.
+    sums = torch.zeros if atomic else torch.empty
+    shape = (n_cols,) if atomic else (programs, n_cols)
+    dw = sums(shape, device=x2d.device, dtype=torch.float32) if weight is not None else x2d.new_empty(0, dtype=torch.float32)
+    db = sums(shape, device=x2d.device, dtype=torch.float32) if has_bias else x2d.new_empty(0, dtype=torch.float32)
     rows = min(_rows_per_tile(block, tile), triton.next_power_of_2(rows_per_program))
     wrap_triton(_backward_kernel)[(programs,)](
         dy2d,
@@ -209,8 +241,8 @@ def backward(dy2d, x2d, weight, rstd, ds2d, has_bias: bool, sms: int, *, per_sm=
         rstd,
         ds2d if ds2d is not None else dy2d,
         dx,
-        dw_part,
-        db_part,
+        dw,
+        db,
         dy2d.stride(0),
         x2d.stride(0),
         ds2d.stride(0) if ds2d is not None else 0,
@@ -224,6 +256,10 @@ def backward(dy2d, x2d, weight, rstd, ds2d, has_bias: bool, sms: int, *, per_sm=
         ROWS=rows,
         BLOCK=block,
         STAGES=stages,
+        ATOMIC=atomic,
+        SUM_AT_END=sum_at_end,
         num_warps=warps or _warps(rows * block),
     )
-    return dx, dw_part, db_part
+    if not atomic:
+        dw, db = (dw.sum(0) if weight is not None else dw), (db.sum(0) if has_bias else db)
+    return dx, dw, db
