@@ -167,39 +167,55 @@ def sweep_backward_op(out: str, widths=(512, 1024, 2048, 4096)) -> None:
         Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 
+MODEL_SHAPES = (  # (name, width, rows): batches of real models, and the 128 MiB tensors of the other sweeps
+    ("ViT-L/16 32x197", 1024, 32 * 197),
+    ("GPT-2-medium 8x1024", 1024, 8192),
+    ("d=512 4x4096", 512, 16384),
+    ("d=2048 8x1024", 2048, 8192),
+    ("d=4096 8x1024", 4096, 8192),
+    *((f"128 MiB d={d}", d, 2**26 // d) for d in (512, 1024, 2048, 4096)),
+)
+
+
 def sweep_model_shapes(out: str) -> None:
-    """Forward tiles at the sizes models run (a ViT-L/16 batch, GPT-2-medium's, a narrow long decoder), against
-    Inductor's kernels for the same math: small tensors fill few waves of programs, unlike the 128 MiB sweeps."""
+    """Forward tiles, and the backward's programs per SM, at the sizes models run as well as at 128 MiB, against
+    Inductor's kernels for the same math: small tensors fill few waves of programs, unlike large ones.  Ends with,
+    per width, the forward tile whose worst shape is closest to that shape's best."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     compiled_add_norm = torch.compile(lambda x, r, w, b: (torch.nn.functional.rms_norm(x + r, [x.shape[-1]], w, 1e-5) + b, x + r))
     compiled_norm = torch.compile(lambda x, w, b: torch.nn.functional.rms_norm(x, [x.shape[-1]], w, 1e-5) + b)
     rows = []
-    for name, d, n in (("ViT-L/16 32x197", 1024, 32 * 197), ("GPT-2-medium 8x1024", 1024, 8192), ("d=512 4x4096", 512, 16384)):
+    for name, d, n in MODEL_SHAPES:
         case = width_case(d, n)
-        x, r, w, b, elem, copy = case.x, case.r, case.w, case.b, case.elem, case.copy
-        inductor = {
-            "fused": timed(compiled_add_norm, x, r, w, b),
-            "plain": timed(compiled_norm, x, w, b),
-        }
+        x, r, dy, ds, w, b, rstd, elem, copy = case.x, case.r, case.dy, case.ds, case.w, case.b, case.rstd, case.elem, case.copy
+        shape = {"shape": name, "d": d, "rows": n}
+        inductor = {"fused": timed(compiled_add_norm, x, r, w, b), "plain": timed(compiled_norm, x, w, b)}
         for kind, moved in (("fused", 4), ("plain", 2)):
             residual = r if kind == "fused" else None
-            for tile in (512, 1024, 2048, 4096, 8192, 16384):
-                if tile < d:
-                    continue
-                for warps in (2, 4, 8):
+            for tile in (1024, 2048, 4096, 8192, 16384):
+                for warps in (2, 4, 8, 16):
+                    if tile < d or (warps == 16 and d < 2048) or (warps == 2 and d > 2048):
+                        continue
                     ms = timed(kernels.forward, x, residual, w, b, 1e-5, tile=tile, warps=warps)
-                    row = {"shape": name, "d": d, "rows": n, "kind": kind, "tile": tile, "warps": warps, "programs": -(-n // (tile // d))}
+                    row = {**shape, "kind": kind, "tile": tile, "warps": warps, "programs": -(-n // (tile // d))}
                     rows.append({**row, "us": 1e3 * ms, "of_copy": moved * elem / ms / 1e6 / copy, "vs_inductor": inductor[kind] / ms})
             ms = timed(kernels.forward, x, residual, w, b, 1e-5)
-            best = max((q for q in rows if q["shape"] == name and q["kind"] == kind), key=lambda q: q["vs_inductor"])
-            print(
-                f"{name} {kind}: Inductor {1e3 * inductor[kind]:.1f} us, tuned {1e3 * ms:.1f} us ({inductor[kind] / ms:.3f}x), "
-                f"best tile {best['tile']} warps {best['warps']} ({best['programs']} programs, {sms} SMs) {best['us']:.1f} us "
-                f"({best['vs_inductor']:.3f}x)",
-                flush=True,
-            )
+            rows.append({**shape, "kind": f"{kind} tuned", "us": 1e3 * ms, "of_copy": moved * elem / ms / 1e6 / copy, "vs_inductor": inductor[kind] / ms})
+            print(f"{name} {kind}: Inductor {1e3 * inductor[kind]:.1f} us, tuned {1e3 * ms:.1f} us ({inductor[kind] / ms:.3f}x)", flush=True)
+        for per_sm in (None, 1, 2, 4):
+            ms = timed(kernels.backward, dy, x, w, rstd, ds, True, sms, per_sm=per_sm)
+            rows.append({**shape, "kind": "backward", "per_sm": per_sm or "tuned", "us": 1e3 * ms, "of_copy": 4 * elem / ms / 1e6 / copy})
+        print(f"{name} backward: {[(q['per_sm'], round(q['us'], 1)) for q in rows[-4:]]}", flush=True)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    for d in sorted({d for _, d, _ in MODEL_SHAPES}):
+        for kind in ("fused", "plain"):
+            mine = [q for q in rows if q["d"] == d and q["kind"] == kind]
+            fastest = {name: min(q["us"] for q in mine if q["shape"] == name) for name in {q["shape"] for q in mine}}
+            configs = {(q["tile"], q["warps"]) for q in mine}
+            worst = {c: min(fastest[q["shape"]] / q["us"] for q in mine if (q["tile"], q["warps"]) == c) for c in configs}
+            tile, warps = max(worst, key=worst.get)
+            print(f"d={d} {kind}: tile {tile}, warps {warps}: worst shape at {100 * worst[tile, warps]:.1f}% of its best", flush=True)
 
 
 if __name__ == "__main__":

@@ -167,8 +167,8 @@ def _warps(elements: int) -> int:
 FORWARD_CONFIG = {512: (2048, 2), 1024: (16384, 8), 2048: (2048, 16), 4096: (2048, 8)}  # with the residual add
 PLAIN_FORWARD_CONFIG = {512: (2048, 4), 1024: (2048, 4), 2048: (2048, 4), 4096: (4096, 8)}  # without it
 BACKWARD_CONFIG = {
-    512: (2, 8192, 4, 3, False),
-    1024: (1, 4096, 4, 3, False),
+    512: (1, 4096, 4, 4, True),
+    1024: (1, 4096, 4, 4, True),
     2048: (1, 8192, 8, 3, False),
     4096: (1, 8192, 8, 3, False),
 }
