@@ -1,4 +1,4 @@
-"""Tile size and warps of effcc's RMSNorm kernels, swept on the GPU (how FORWARD_TILE / BACKWARD_TILE were chosen).
+"""Tiles, warps and pipeline stages of effcc's RMSNorm kernels, swept on the GPU (how the tuned configurations were chosen).
 
     python benchmarks/sweep_rms_norm_tiles.py [--out benchmarks/results/rms_norm_tiles.json]
     python benchmarks/sweep_rms_norm_tiles.py --plain-and-stages --out benchmarks/results/rms_norm_stages.json
@@ -145,7 +145,7 @@ def sweep_backward_op(out: str, widths=(512, 1024, 2048, 4096)) -> None:
     for d in widths:
         case = width_case(d)
         x, dy, ds, w, rstd, elem, copy = case.x, case.dy, case.ds, case.w, case.rstd, case.elem, case.copy
-        tuned = kernels.BACKWARD_CONFIG[d]
+        tuned = kernels.backward_config(d)
         configs = [(*tuned[:4], tuned[4], False)]  # the tuned kernel with partials summed afterwards: the old way
         for per_sm in (1, 2, 4):
             for tile in (4096, 8192, 16384):

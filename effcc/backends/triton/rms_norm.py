@@ -159,20 +159,21 @@ def _warps(elements: int) -> int:
     return min(max(elements // 256, 1), 16)
 
 
-# (values per program, warps) for the forward and (programs per SM, values per step, warps, pipeline
-# stages, sum at end) for the backward, by row block: the best of sweeps timed from CUDA-graph replays
-# (benchmarks/sweep_rms_norm_tiles.py): the fused forward on an H100 (rms_norm_tiles_h100.json), the plain
-# forward and the backward on an H200 (rms_norm_stages_h200.json, rms_norm_bwd_op_h200.json: few programs per SM,
-# since each program leaves a row of dγ, dβ partial sums to add up afterwards).  Other widths: the defaults below.
-FORWARD_CONFIG = {512: (2048, 2), 1024: (16384, 8), 2048: (2048, 16), 4096: (2048, 8)}  # with the residual add
-PLAIN_FORWARD_CONFIG = {512: (2048, 4), 1024: (2048, 4), 2048: (2048, 4), 4096: (4096, 8)}  # without it
-BACKWARD_CONFIG = {
-    512: (1, 4096, 4, 4, True),
-    1024: (1, 4096, 4, 4, True),
-    2048: (1, 8192, 8, 3, False),
-    4096: (1, 8192, 8, 3, False),
-}
-FORWARD_TILE, BACKWARD_TILE, BACKWARD_PER_SM = 2048, 4096, 4
+# Tuned on an H200 from CUDA-graph replays (benchmarks/sweep_rms_norm_tiles.py; results/rms_norm_*_h200.json).
+# Forward, by row block: (values per program, warps), the pick whose worst case over a model's batch (ViT-L/16,
+# GPT-2-medium, ...) and a 128 MiB tensor is closest to that size's own best (rms_norm_model_shapes_h200.json).
+FORWARD_CONFIG = {512: (1024, 2), 1024: (2048, 4), 2048: (2048, 8), 4096: (4096, 16)}  # with the residual add
+PLAIN_FORWARD_CONFIG = {512: (2048, 2), 1024: (2048, 2), 2048: (4096, 8), 4096: (4096, 8)}  # without it
+FORWARD_TILE = 2048  # other widths; warps from the tile's size
+# Backward: one program per SM, 4096 values per step, 4 warps, 4 pipeline stages, sums kept per element until
+# the end: 94-96% of the copy bandwidth at widths 512-4096 with atomics (rms_norm_bwd_op_h200.json).  Wider
+# rows: a row per step, warps from the row's size, sums reduced every step (fewer registers).
+BACKWARD_CONFIG = (1, 4096, 4, 4, True)  # (programs per SM, values per step, warps, stages, sum at end)
+WIDE_BACKWARD_CONFIG = (1, 4096, None, 3, False)
+
+
+def backward_config(block: int) -> tuple:
+    return BACKWARD_CONFIG if block <= 4096 else WIDE_BACKWARD_CONFIG
 
 
 def forward(x2d, residual2d, weight, bias, eps: float, *, tile: int | None = None, warps: int | None = None):
@@ -222,7 +223,7 @@ def backward(
     n_rows, n_cols = x2d.shape
     dx = torch.empty_like(x2d)
     block = _block(n_cols)
-    tuned = BACKWARD_CONFIG.get(block, (BACKWARD_PER_SM, BACKWARD_TILE, None, 3, False))
+    tuned = backward_config(block)
     per_sm, tile, warps, stages = per_sm or tuned[0], tile or tuned[1], warps or tuned[2], stages or tuned[3]
     sum_at_end = tuned[4] if sum_at_end is None else sum_at_end
     atomic = not torch.are_deterministic_algorithms_enabled() if atomic is None else atomic
