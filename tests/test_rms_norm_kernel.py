@@ -121,3 +121,24 @@ def test_deterministic_mode_sums_partials_in_a_fixed_order():
         torch.use_deterministic_algorithms(before)
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
     torch.testing.assert_close(runs[0][1], dy.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need a GPU (the interpreter runs them above)")
+def test_compiled_training_on_the_gpu_matches_eager_gradients(caplog):
+    """torch.compile(backend="effcc") on CUDA: norms on effcc's kernels (dγ, dβ by atomics), float32, vs eager."""
+    import logging
+
+    eager, trained = build("gpt2").cuda(), build("gpt2").cuda()
+    ids = token_ids(4, 12).cuda()
+
+    def grads(module, model):
+        logits = module(ids).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    with caplog.at_level(logging.INFO, logger="effcc"):
+        got = grads(torch.compile(trained, backend="effcc", options={"passes": ["ln_to_rmsnorm"]}), trained)
+    want = grads(eager, eager)
+    assert any("norm(s) on effcc Triton kernels" in r.getMessage() and "; 0 norm" not in r.getMessage() for r in caplog.records)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-3, atol=1e-4 * g.abs().max().item() + 1e-7, msg=name)
