@@ -35,7 +35,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import EffccError
-from .program import graph_tensors
+from .program import device_mapper, graph_tensors, place_device_args
 
 INDEX = "model.safetensors.index.json"
 
@@ -168,11 +168,6 @@ class TensorStore:
 
 
 # ---- running a graph whose tensors are in a store ---------------------------------------------------------
-def meta_device_to(device: torch.device | None):
-    """A graph-argument mapper: the meta device (the graph was captured there) → `device` (None: unchanged)."""
-    return lambda x: device if device is not None and isinstance(x, torch.device) and x.type == "meta" else x
-
-
 class _Stored:
     """What a get_attr of a stored tensor yields: a name, loaded only when a node reads it."""
 
@@ -214,12 +209,12 @@ class StoreInterpreter(fx.Interpreter):
 
         if self.store is None and not self.float64:
             return value  # a plain run (calibration of a model in memory): nothing to map on the hot path
-        device = self.store.device if self.store is not None else None
+        to_store_device = device_mapper(self.store.device if self.store is not None else None, only_type="meta")
 
         def one(x):
             if isinstance(x, _Stored):
                 return self.store.load(x.name, torch.float64 if self.float64 else None)
-            x = meta_device_to(device)(x)
+            x = to_store_device(x)
             return _promote_dtype(x) if self.float64 else x
 
         return fx.node.map_aggregate(value, one)
@@ -374,11 +369,7 @@ def load(result, device="cpu") -> fx.GraphModule:
             owner._buffers[leaf] = value
         else:
             setattr(owner, leaf, value)
-    for module in gm.modules():  # captured on meta: arange(device=meta) and the like run on `device`
-        if isinstance(module, fx.GraphModule):
-            for node in module.graph.nodes:
-                node.args, node.kwargs = fx.node.map_aggregate((node.args, node.kwargs), meta_device_to(torch.device(device)))
-            module.recompile()
+    place_device_args(gm, torch.device(device), only_type="meta")  # captured on meta: arange(device=meta) runs on `device`
     return gm
 
 

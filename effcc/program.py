@@ -32,6 +32,28 @@ def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def device_mapper(device: torch.device | None, only_type: str | None = None):
+    """A mapper of graph arguments: torch.device values (of type `only_type`, or all) → `device`; None: unchanged."""
+
+    def one(x):
+        if device is not None and isinstance(x, torch.device) and (only_type is None or x.type == only_type):
+            return device
+        return x
+
+    return one
+
+
+def place_device_args(gm: fx.GraphModule, device: torch.device, only_type: str | None = None) -> None:
+    """Rewrite the devices written in the graphs of `gm` (arange(device=...), .to(device)) to `device`,
+    so that a graph captured on one device (meta, or the saving machine's) runs next to its weights."""
+    mapper = device_mapper(device, only_type)
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                node.args, node.kwargs = fx.node.map_aggregate((node.args, node.kwargs), mapper)
+            module.recompile()
+
+
 @dataclass
 class Program:
     gm: fx.GraphModule

@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import EffccError
 from .offload import Checkpoint, write_checkpoint
-from .program import Program, graph_tensors, stored
+from .program import Program, graph_tensors, place_device_args, stored
 
 FORMAT = "effcc-saved-model"
 VERSION = 1
@@ -80,7 +80,7 @@ def save(result, path, *, shard_bytes: int = 2**30) -> Path:
 
     `effcc.load(path)` gives back a result whose model computes the same outputs.  The weights of
     an optimize_checkpoint result are copied from its checkpoint shard by shard, never all at once."""
-    program: Program = result.program
+    program = _program_of(result)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if program.store is not None:
@@ -91,6 +91,23 @@ def save(result, path, *, shard_bytes: int = 2**30) -> Path:
         write_tensors({key: program.tensor(name) for name, key in keys.items()}, path / TENSORS)
     write_description(result, path, keys)
     return path
+
+
+def _program_of(result) -> Program:
+    """The Program of a result that effcc.save can write, or an error that says what to save instead."""
+    program = getattr(result, "program", None)
+    if isinstance(program, Program):
+        return program
+    kind = type(result).__name__
+    if kind == "SharedPrefixModel":
+        raise EffccError(
+            "effcc.save cannot write a SharedPrefixModel: it holds no weights of its own (it runs your model's). "
+            "Save that model (state_dict or save_pretrained) and call effcc.shared_prefix(model) again after loading it"
+        )
+    raise EffccError(
+        f"effcc.save writes the result of effcc.optimize or optimize_checkpoint, got a {kind}; "
+        "optimize the model first, or save a module with its state_dict"
+    )
 
 
 def write_description(result, path: Path, keys: dict[str, str]) -> None:
@@ -256,10 +273,7 @@ def load(path, device="cpu"):
             by_key[entry["key"]] = _as_kind(checkpoint.get(entry["key"]).to(device), entry)
         attach_tensor(root, name, by_key[entry["key"]], entry["kind"])
     gm = build_graph_module(root, description["graph"], f"{path / DESCRIPTION}")
-    # arange(device=...) and the like follow the weights (a result of optimize_checkpoint was traced on meta)
-    for node in gm.graph.nodes:
-        node.args, node.kwargs = fx.node.map_aggregate((node.args, node.kwargs), _to_device(device))
-    gm.recompile()
+    place_device_args(gm, device)  # arange(device=...) and the like follow the weights (optimize_checkpoint traces on meta)
     args, kwargs = load_inputs(Checkpoint(path / INPUTS), description["example_inputs"], device)
     program = Program(gm, args, kwargs, decode_dynamic_shapes(description["dynamic_shapes"]))
     program.retrace()
@@ -455,10 +469,6 @@ def _holds_tensor(root: nn.Module, name: str) -> bool:
         return isinstance(stored(root, name), torch.Tensor)
     except AttributeError:
         return False
-
-
-def _to_device(device: torch.device):
-    return lambda x: device if isinstance(x, torch.device) else x
 
 
 __all__ = ["load", "save"]

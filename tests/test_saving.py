@@ -133,3 +133,33 @@ def test_bad_folders_are_named(tmp_path):
     (tmp_path / "effcc.json").write_text("{")
     with pytest.raises(EffccError, match="not valid JSON"):
         effcc.load(tmp_path)
+
+
+def test_what_save_cannot_write_is_named_with_what_to_save_instead(tmp_path):
+    model = build("gpt2")
+    with pytest.raises(EffccError, match="got a GPT2LMHeadModel; optimize the model first"):
+        effcc.save(model, tmp_path / "plain")
+    with pytest.raises(EffccError, match="cannot write a SharedPrefixModel.*effcc.shared_prefix\\(model\\) again"):
+        effcc.save(effcc.shared_prefix(model), tmp_path / "grouped")
+    assert not (tmp_path / "plain").exists() and not (tmp_path / "grouped").exists()
+
+
+def test_a_sparse_ift_result_saved_after_rigl_training_keeps_the_trained_weights_and_masks(tmp_path):
+    """The captured graph shares the trainable module's tensors, and RigL moves masks in place: what is saved is what was trained."""
+    from effcc.sparsity import RigL
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    x = torch.randn(32, 16)
+    res = effcc.optimize(model, (x,), passes=["sparse_ift"])
+    optimizer = torch.optim.Adam(res.model.parameters(), lr=1e-2)
+    updater = RigL(res.model, optimizer, total_steps=30, update_every=10)
+    for _ in range(30):
+        optimizer.zero_grad()
+        res.model(x).square().mean().backward()
+        optimizer.step()
+        updater.step()
+    assert sum(u.grown for u in updater.history) > 0  # masks did move
+    loaded = effcc.load(effcc.save(res, tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), res.model(x), rtol=0, atol=0)

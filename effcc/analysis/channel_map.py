@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..offload import StoreInterpreter
 from ..verify import default_dtype, promote_graph_module, to_float64
-from .graph import IGNORED_READERS
+from .graph import reads_values
 from .patterns import Linear, match_linear
 
 aten = torch.ops.aten
@@ -50,7 +50,7 @@ class AttentionSite:
 
 
 def _users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if u.target not in IGNORED_READERS]
+    return [u for u in node.users if reads_values(u)]
 
 
 def attention_sites(graph: fx.Graph) -> tuple[list[AttentionSite], list[tuple[fx.Node, str]]]:

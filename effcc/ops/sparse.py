@@ -130,12 +130,12 @@ class BlockSparseWeight:
 
 def pack_blocks(weight: Tensor, mask: Tensor, block: tuple[int, int]) -> BlockSparseWeight:
     """The kept blocks of a linear's W ⊙ M [out, in] in BSR form."""
-    from ..sparsity.blocks import collapse
+    from ..sparsity.blocks import collapse, not_whole_blocks
 
     out_features, in_features = weight.shape
     bo, bi = block
-    if out_features % bo or in_features % bi:
-        raise ValueError(f"a {out_features}×{in_features} weight is not a whole number of {bo}×{bi} blocks")
+    if why := not_whole_blocks(out_features, in_features, block):
+        raise ValueError(f"cannot pack into blocks: {why}")
     kept = collapse(mask, block)  # raises unless the mask is constant over blocks
     rows, cols = kept.nonzero(as_tuple=True)  # row-major: grouped by row-block, as BSR needs
     tiles = weight.detach().reshape(out_features // bo, bo, in_features // bi, bi).permute(0, 2, 3, 1)  # [R, C, bi, bo]

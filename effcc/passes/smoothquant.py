@@ -25,7 +25,7 @@ from torch import fx
 
 from ..analysis import Linear, Norm, describe, linears_reading, match_norm, real_users
 from ..analysis.channel_map import attention_sites, channel_maps, linear_pairs
-from ..analysis.graph import IGNORED_READERS, is_transparent
+from ..analysis.graph import is_transparent, reads_values
 from ..calibrate import activation_stats
 from ..errors import EffccError
 from ..ops.quantized_linear import dequantize_int4, fake_quant_w8a8, quantize_weight_int4
@@ -299,7 +299,7 @@ def _paths_to(node: fx.Node, others: set[fx.Node]) -> list[tuple[fx.Node, fx.Nod
     Looks through views/dropout shared by both kinds of reader; None if no such cut exists."""
     chosen = []
     for user in list(node.users):
-        if user.target in IGNORED_READERS:
+        if not reads_values(user):
             continue
         if user in others:
             chosen.append((user, node))

@@ -29,6 +29,7 @@ from ..analysis import describe, match_linear
 from ..capture import eval_mode, export
 from ..errors import EffccError
 from ..sparsity import families, masks
+from ..sparsity.blocks import not_whole_blocks
 from ..sparsity.families import FAMILIES, Piece
 from ..sparsity.layers import LayerSpec, MaskedLayer, spec_of, why_not_a_layer
 from ..sparsity.widen import Layer, WidthGroup, find_width_group
@@ -125,9 +126,8 @@ class SparseIFT(Pass):
         return chosen
 
     def _fits_blocks(self, spec, where: str, log: SiteLog) -> bool:
-        bo, bi = self.block
-        if spec.out_features % bo or (spec.in_features * spec.taps) % bi:
-            log.skip(where, f"its weight {spec.out_features}×{spec.in_features * spec.taps} is not a whole number of {bo}×{bi} blocks")
+        if why := not_whole_blocks(spec.out_features, spec.in_features * spec.taps, self.block):
+            log.skip(where, why)
             return False
         return True
 

@@ -25,6 +25,13 @@ def grid(shape: torch.Size | tuple, block: tuple[int, int]) -> tuple[int, int]:
     return -(-rows // block[0]), -(-cols // block[1])
 
 
+def not_whole_blocks(rows: int, cols: int, block: tuple[int, int]) -> str | None:
+    """Why a rows × cols weight matrix cannot be cut into whole blocks, or None when it can."""
+    if rows % block[0] or cols % block[1]:
+        return f"its {rows}×{cols} weight is not a whole number of {block[0]}×{block[1]} blocks"
+    return None
+
+
 def block_sums(t: Tensor, block: tuple[int, int]) -> Tensor:
     """Σ over each block of the matrix form of `t` → [block rows, block columns] (float64)."""
     m = as_matrix(t).double()

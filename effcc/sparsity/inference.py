@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import sparse as ops
+from .blocks import not_whole_blocks
 from .layers import MaskedLayer, SparseDoped, SparseFactorized, SparseParallel, dense_layer
 
 log = logging.getLogger("effcc")
@@ -56,8 +57,8 @@ def why_not_frozen(layer: MaskedLayer) -> str | None:
     bo, bi = layer.block
     if bo not in ops.KERNEL_BLOCK_SIZES or bi not in ops.KERNEL_BLOCK_SIZES:
         return f"its mask blocks are {bo}×{bi}; the kernel needs sides in {ops.KERNEL_BLOCK_SIZES} (sparse_ift option `block`)"
-    if layer.spec.out_features % bo or layer.spec.in_features % bi:
-        return f"its {layer.spec.out_features}×{layer.spec.in_features} weight is not a whole number of {bo}×{bi} blocks"
+    if why := not_whole_blocks(layer.spec.out_features, layer.spec.in_features, layer.block):
+        return why
     if layer.density > KERNEL_MAX_DENSITY:
         return f"density {layer.density:.2f} > {KERNEL_MAX_DENSITY}: the dense library GEMM on W ⊙ M is faster there (H100, README)"
     return None

@@ -150,6 +150,30 @@ def _attend(acc, m_i, l_i, q, K_HEAD, V_HEAD, stride_kn, stride_vn, rows, gs, pe
 
 
 @triton.jit
+def _query_block(Q, head, stride_qh, stride_qn, m0, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The rows [m0, m0 + BLOCK_M) of query head `head`: (rows, offs_d, row_ok, io_mask, q)."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + head.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
+    return rows, offs_d, row_ok, io_mask, q
+
+
+@triton.jit
+def _part_spans(part: tl.constexpr, p_lo, p_hi, p_full_lo, p_full_hi, o_lo, o_hi, o_full_lo, o_full_hi, BLOCK_N: tl.constexpr):
+    """(start, lo, hi, end) of a query block's keys in part 0 (its prefix) or 1 (its own segments):
+    [start, lo) and [hi, end) need the mask, [lo, hi) is visible to every row."""
+    if part == 0:
+        start = p_lo
+        lo, hi, end = _unmasked_span(p_lo, p_hi, p_full_lo, p_full_hi, BLOCK_N)
+    else:
+        start = o_lo
+        lo, hi, end = _unmasked_span(o_lo, o_hi, o_full_lo, o_full_hi, BLOCK_N)
+    return start, lo, hi, end
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, O, LSE, GS, PE, SS,
     stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh, stride_on,
@@ -159,11 +183,7 @@ def _forward_kernel(
     m0 = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     kv_head = head // heads_per_kv
-    rows = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < N
-    io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + head.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
+    rows, offs_d, row_ok, io_mask, q = _query_block(Q, head, stride_qh, stride_qn, m0, N, HEAD_DIM, BLOCK_M, BLOCK_D)
     K_HEAD = K + kv_head.to(tl.int64) * stride_kh
     V_HEAD = V + kv_head.to(tl.int64) * stride_vh
 
@@ -172,12 +192,7 @@ def _forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for part in tl.static_range(2):  # the prefix part, then the own segments
-        if part == 0:
-            lo, hi, end = _unmasked_span(p_lo, p_hi, p_full_lo, p_full_hi, BLOCK_N)
-            start = p_lo
-        else:
-            lo, hi, end = _unmasked_span(o_lo, o_hi, o_full_lo, o_full_hi, BLOCK_N)
-            start = o_lo
+        start, lo, hi, end = _part_spans(part, p_lo, p_hi, p_full_lo, p_full_hi, o_lo, o_hi, o_full_lo, o_full_hi, BLOCK_N)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_HEAD, V_HEAD, stride_kn, stride_vn, rows, gs, pe, ss, start, lo, qk_scale,
                                 HEAD_DIM, True, BLOCK_N, BLOCK_D)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, K_HEAD, V_HEAD, stride_kn, stride_vn, rows, gs, pe, ss, lo, hi, qk_scale,
@@ -313,11 +328,7 @@ def _dq_kernel(
     m0 = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     kv_head = head // heads_per_kv
-    rows = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < N
-    io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + head.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
+    rows, offs_d, row_ok, io_mask, q = _query_block(Q, head, stride_qh, stride_qn, m0, N, HEAD_DIM, BLOCK_M, BLOCK_D)
     do = tl.load(DO + head.to(tl.int64) * stride_doh + rows[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=io_mask, other=0.0)
     lse = tl.load(LSE + head.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + head.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
@@ -327,12 +338,7 @@ def _dq_kernel(
     _gs, _pe, _ss, p_lo, p_hi, p_full_lo, p_full_hi, o_lo, o_hi, o_full_lo, o_full_hi = _key_ranges(GS, PE, SS, m0, N, BLOCK_M)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for part in tl.static_range(2):  # the prefix part, then the own segments
-        if part == 0:
-            lo, hi, end = _unmasked_span(p_lo, p_hi, p_full_lo, p_full_hi, BLOCK_N)
-            start = p_lo
-        else:
-            lo, hi, end = _unmasked_span(o_lo, o_hi, o_full_lo, o_full_hi, BLOCK_N)
-            start = o_lo
+        start, lo, hi, end = _part_spans(part, p_lo, p_hi, p_full_lo, p_full_hi, o_lo, o_hi, o_full_lo, o_full_hi, BLOCK_N)
         dq = _dq_from_keys(dq, q, do, lse, delta, K_HEAD, V_HEAD, VU, stride_kn, stride_vn, rows, start, lo, qk_scale, HEAD_DIM, True, BLOCK_N, BLOCK_D)
         dq = _dq_from_keys(dq, q, do, lse, delta, K_HEAD, V_HEAD, VU, stride_kn, stride_vn, rows, lo, hi, qk_scale, HEAD_DIM, False, BLOCK_N, BLOCK_D)
         dq = _dq_from_keys(dq, q, do, lse, delta, K_HEAD, V_HEAD, VU, stride_kn, stride_vn, rows, hi, end, qk_scale, HEAD_DIM, True, BLOCK_N, BLOCK_D)
