@@ -8,7 +8,8 @@
 2. The model: a ~350M-parameter LLaMA-style decoder (d=1024, 24 layers, 16 heads, bf16).
    One GRPO-style step: token log-probs of the suffixes, weighted sum, backward.  Ungrouped:
    the batch [G, P+S] through torch.compile(model) (LM head only on the rows that predict
-   a suffix token).  Grouped: effcc.shared_prefix(model).compile().  Time (median of CUDA
+   a suffix token).  Grouped: effcc.shared_prefix(model).compile().  Both compile layer by layer
+   (--whole-graph: as one graph each).  Time (median of CUDA
    event timings) and peak memory for P ∈ {1024, 4096}, G ∈ {4, 8, 16}, S ∈ {256, 512};
    the speedup is compared with the ideal FLOP ratio (ungrouped FLOPs / grouped FLOPs).
 """
@@ -127,21 +128,35 @@ def grouped_step(grouped, prefix, suffixes, weights):
     (grouped.token_logprobs(prefix, suffixes) * weights).sum().backward()
 
 
-def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=False) -> list[dict]:
+def compiled_sides(model, eager: bool, whole_graph: bool):
+    """(ungrouped, grouped) callables.  By default both compile by layer, one layer's code for all 24
+    (`layer.compile()` on the Hugging Face layers; effcc.shared_prefix(...).compile() cuts its graph
+    into layers likewise): compiling two 24-layer graphs took most of a 10-minute device call."""
     import effcc
 
+    if eager:
+        return model, effcc.shared_prefix(model)
+    if whole_graph:
+        return torch.compile(model, dynamic=True), effcc.shared_prefix(model).compile(by_block=False)
+    grouped = effcc.shared_prefix(model).compile()  # captures the model before its layers are wrapped
+    for layer in model.model.layers:
+        layer.compile(dynamic=True)
+    return model, grouped
+
+
+def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=False, whole_graph=False) -> list[dict]:
     model = decoder()
     params = sum(p.numel() for p in model.parameters())
     print(f"  model: {params / 1e6:.0f}M parameters", flush=True)
     started = time.time()
-    compiled = model if eager else torch.compile(model, dynamic=True)
-    grouped = effcc.shared_prefix(model) if eager else effcc.shared_prefix(model).compile()
+    compiled, grouped = compiled_sides(model, eager, whole_graph)
     rows = []
     for prefix_len, group, suffix_len in shapes:
         prefix = torch.randint(0, 32000, (prefix_len,), device=DEVICE)
         suffixes = torch.randint(0, 32000, (group, suffix_len), device=DEVICE)
         weights = torch.randn(group, suffix_len, device=DEVICE)
-        row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6, "mode": "eager" if eager else "torch.compile"}
+        mode = "eager" if eager else "torch.compile, whole graph" if whole_graph else "torch.compile by layer"
+        row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6, "mode": mode}
         row["ideal_flop_ratio"] = step_flops(model, prefix_len, group, suffix_len, False) / step_flops(model, prefix_len, group, suffix_len, True)
         if time.time() - started > budget_s:
             print(f"  skipped P={prefix_len} G={group} S={suffix_len}: time budget", flush=True)
@@ -192,6 +207,7 @@ def main():
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/prefix_grouper.json")
     parser.add_argument("--eager", action="store_true", help="model rows without torch.compile (both sides)")
+    parser.add_argument("--whole-graph", action="store_true", help="compile each side as one graph, not layer by layer")
     parser.add_argument("--shapes", help="model shapes as PxGxS,PxGxS (default: the 12 of the issue)")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no new model shape after this many seconds")
     args = parser.parse_args()
@@ -219,7 +235,8 @@ def main():
         result["attention"] = attention_rows([(1024, 8, 256), (4096, 8, 512), (4096, 16, 256)])
         save()
     result["model"] = []
-    model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()), budget_s=args.budget_s, eager=args.eager)
+    model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()), budget_s=args.budget_s, eager=args.eager,
+               whole_graph=args.whole_graph)
     print(f"wrote {out}")
 
 

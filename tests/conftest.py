@@ -56,11 +56,11 @@ def _opt_post_ln():
     )
 
 
-def _llama():
+def _llama(layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return LlamaForCausalLM(
-        LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        LlamaConfig(num_hidden_layers=layers, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                     vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, use_cache=False)
     )
 
@@ -118,9 +118,10 @@ def _phi():
 HF_MODELS = {"bloom": _bloom, "phi": _phi, "gpt2": _gpt2, "opt": _opt, "llama": _llama, "bert": _bert, "gemma": _gemma, "qwen2": _qwen2, "gpt_neox": _neox, "opt_post_ln": _opt_post_ln}
 
 
-def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, **sizes) -> torch.nn.Module:
+    """`sizes` go to the architecture's factory where it takes them (llama: layers)."""
     torch.manual_seed(seed)
-    return randomize_norms(HF_MODELS[name](), seed).to(dtype).eval()
+    return randomize_norms(HF_MODELS[name](**sizes), seed).to(dtype).eval()
 
 
 def token_ids(batch: int = 2, tokens: int = 8, seed: int = 1) -> torch.Tensor:

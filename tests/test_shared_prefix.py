@@ -260,6 +260,70 @@ def test_compiled_grouped_model_runs_new_group_shapes_without_recompiling():
     assert all(p.grad is not None for p in model.parameters())
 
 
+class CountingBackend:
+    """A torch.compile backend that runs the graphs as traced and counts them."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.graphs += 1
+        as_traced = lambda graph, _: make_boxed_func(graph)  # noqa: E731
+        return aot_autograd(fw_compiler=as_traced, bw_compiler=as_traced)(gm, example_inputs)
+
+
+def test_compiling_by_block_compiles_one_layer_for_all_alike():
+    """Four alike layers: one compiled block graph serves them all (plus the parts before and after); same
+    log-probs and gradients as the grouped model run eagerly."""
+    model = build("llama", torch.float32, layers=4)
+    eager = effcc.shared_prefix(model)
+    backend = CountingBackend()
+    compiled = effcc.shared_prefix(model).compile(backend=backend)
+    prefix, suffix, mask = ragged_group()
+    want = eager.token_logprobs(prefix, suffix, mask)
+    want_grads = grads_of(model, (want * weights(mask).float()).sum())
+    got = compiled.token_logprobs(prefix, suffix, mask)
+    got_grads = grads_of(model, (got * weights(mask).float()).sum())
+    assert backend.graphs == 3, f"{backend.graphs} graphs compiled: expected before + one block + after"
+    assert relative_error(got, want) <= 1e-6
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) == len(list(model.parameters()))
+    for name, grad in want_grads.items():
+        assert relative_error(got_grads[name], grad) <= 1e-5, name
+
+
+def test_blocks_that_differ_keep_their_own_code():
+    """Layers 0 and 2 alike, layer 1 with another activation: only 0 and 2 share."""
+    from effcc.blocks import share_block_code, split_into_blocks
+
+    class Block(nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.up, self.down, self.act = nn.Linear(8, 16), nn.Linear(16, 8), act
+
+        def forward(self, x):
+            return x + self.down(self.act(self.up(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(nn.GELU()), Block(nn.ReLU()), Block(nn.GELU())])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    net, x = Net().eval(), torch.randn(3, 8)
+    split = split_into_blocks(effcc.optimize(net, (x,), passes=[]).model)
+    assert share_block_code(split) == [["submod_1", "submod_3"]]
+    assert type(split.submod_1) is type(split.submod_3) is not type(split.submod_2)
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), net(x), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlashAttention's varlen kernels)")
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
 def test_flash_split_matches_the_reference_forward_and_backward(heads, kv_heads, monkeypatch):
