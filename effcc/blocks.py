@@ -117,10 +117,7 @@ def _move_private_tensors_into_partitions(split: fx.GraphModule) -> None:
         tensor = split.get_parameter(attr.target) if _is_parameter(split, attr.target) else split.get_buffer(attr.target)
         leaf = attr.target.replace(".", "_")
         split.effcc_original_names[f"{call.target}.{leaf}"] = attr.target
-        if isinstance(tensor, nn.Parameter):
-            sub.register_parameter(leaf, tensor)
-        else:
-            sub.register_buffer(leaf, tensor)
+        _register(sub, leaf, tensor)
         with sub.graph.inserting_before(placeholder):
             inner = sub.graph.get_attr(leaf)
         placeholder.replace_all_uses_with(inner)
@@ -129,6 +126,14 @@ def _move_private_tensors_into_partitions(split: fx.GraphModule) -> None:
         call.args = call.args[:index] + call.args[index + 1 :]
         split.graph.erase_node(attr)
     _drop_unread(split)
+
+
+def _register(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """`tensor` as `module.name`, a parameter if it is one, else a buffer."""
+    if isinstance(tensor, nn.Parameter):
+        module.register_parameter(name, tensor)
+    else:
+        module.register_buffer(name, tensor)
 
 
 def _is_parameter(module: nn.Module, name: str) -> bool:
@@ -183,10 +188,7 @@ def _name_tensors_relative_to(split: fx.GraphModule, name: str, prefix: str) -> 
         old, new = node.target, node.target[len(prefix) :]
         tensor = getattr(sub, old)
         delattr(sub, old)
-        if isinstance(tensor, nn.Parameter):
-            sub.register_parameter(new, tensor)
-        else:
-            sub.register_buffer(new, tensor)
+        _register(sub, new, tensor)
         node.target = new
         if f"{name}.{old}" in originals:
             originals[f"{name}.{new}"] = originals.pop(f"{name}.{old}")
@@ -208,8 +210,8 @@ def _structure(gm: fx.GraphModule) -> tuple:
 
 def compile_by_block(gm: fx.GraphModule, **compile_options) -> fx.GraphModule:
     """`gm` cut into blocks, each part torch.compiled, alike blocks sharing one compiled code (a graph cut
-    already is compiled part by part as it is).  Same results, same Parameter objects (gradients reach the model's).  A graph without
-    numbered blocks is compiled whole, and the log says so."""
+    already is compiled part by part as it is).  Same results, same Parameter objects (gradients reach
+    the model's).  A graph without numbered blocks is compiled whole, and the log says so."""
     if hasattr(gm, "effcc_blocks"):  # cut already, perhaps sharded by FSDP2, whose parameter names must stay
         split, shared = gm, []
     else:

@@ -116,9 +116,11 @@ def test_deterministic_mode_sums_partials_in_a_fixed_order():
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
+        assert not kernels.adds_atomically()
         runs = [kernels.backward(dy, x, w, rstd, None, True, 4, per_sm=4)[1:] for _ in range(3)]
     finally:
         torch.use_deterministic_algorithms(before)
+    assert kernels.adds_atomically() == (not before)
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
     torch.testing.assert_close(runs[0][1], dy.sum(0), rtol=1e-5, atol=1e-5)
 

@@ -172,6 +172,11 @@ BACKWARD_CONFIG = (1, 4096, 4, 4, True)  # (programs per SM, values per step, wa
 WIDE_BACKWARD_CONFIG = (1, 4096, None, 3, False)
 
 
+def adds_atomically() -> bool:
+    """Whether the backward adds the programs' dγ, dβ with atomics (run-to-run order), or sums partials in a fixed order."""
+    return not torch.are_deterministic_algorithms_enabled()
+
+
 def backward_config(block: int) -> tuple:
     return BACKWARD_CONFIG if block <= 4096 else WIDE_BACKWARD_CONFIG
 
@@ -226,7 +231,7 @@ def backward(
     tuned = backward_config(block)
     per_sm, tile, warps, stages = per_sm or tuned[0], tile or tuned[1], warps or tuned[2], stages or tuned[3]
     sum_at_end = tuned[4] if sum_at_end is None else sum_at_end
-    atomic = not torch.are_deterministic_algorithms_enabled() if atomic is None else atomic
+    atomic = adds_atomically() if atomic is None else atomic
     programs = max(1, min(sms * per_sm, n_rows))
     rows_per_program = triton.cdiv(n_rows, programs)
     # Atomic: the programs add into one zeroed row each of dγ, dβ; otherwise each writes its own row of partials.
