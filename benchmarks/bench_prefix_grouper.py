@@ -3,7 +3,8 @@
     python benchmarks/bench_prefix_grouper.py [--quick] [--out benchmarks/results/prefix_grouper_h100.json]
 
 1. Attention alone (bf16, H=16, D=64), forward + backward: effcc's prefix-attention
-   kernel on the packed layout [P, S_1 … S_G]; flex_attention (compiled) with the same
+   kernel on the packed layout [P, S_1 … S_G] (eager calls, and under torch.compile, where
+   Inductor launches the kernels itself); flex_attention (compiled) with the same
    mask as a block mask; and SDPA (flash) on the ungrouped batch [G, P+S], is_causal.
 2. The model: a ~350M-parameter LLaMA-style decoder (d=1024, 24 layers, 16 heads, bf16).
    One GRPO-style step: token log-probs of the suffixes, weighted sum, backward.  Ungrouped:
@@ -28,19 +29,24 @@ DEVICE = "cuda"
 DTYPE = torch.bfloat16
 
 
-def timed(fn, warmup=2, reps=5) -> float:
-    """Median milliseconds of `fn()` (a whole step, so CUDA events around it are enough)."""
+def timed(fn, warmup=2, reps=5, with_cpu=False):
+    """Median milliseconds of `fn()` (a whole step, so CUDA events around it are enough); with_cpu: also
+    the median CPU time to issue it (no wait for the GPU: close to the step time means CPU-bound)."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, issue = [], []
     for _ in range(reps):
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        started = time.perf_counter()
         start.record()
         fn()
         end.record()
+        issue.append((time.perf_counter() - started) * 1e3)
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    median = lambda values: sorted(values)[len(values) // 2]
+    return (median(times), median(issue)) if with_cpu else median(times)
 
 
 def peak_memory(fn) -> float:
@@ -76,7 +82,9 @@ def attention_rows(shapes) -> list[dict]:
             out = fn(*tensors)
             out.backward(torch.ones_like(out))
 
+        compiled_op = torch.compile(lambda a, b, c: prefix_attention(a, b, c, *layout.op_inputs()))
         cases = {
+            "effcc prefix_attention, Triton, torch.compile (packed)": lambda: step(compiled_op, q, k, v),
             "effcc prefix_attention, flash split (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, *layout.op_inputs()), q, k, v),
             "effcc prefix_attention, Triton (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, *layout.op_inputs()), q, k, v),
             "flex_attention (packed, block mask)": lambda: step(lambda a, b, c: flex(a, b, c, block_mask=block_mask), q, k, v),
@@ -162,23 +170,19 @@ def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=Fal
             print(f"  skipped P={prefix_len} G={group} S={suffix_len}: time budget", flush=True)
             continue
         for name, fn in (("grouped", lambda: grouped_step(grouped, prefix, suffixes, weights)),
-                         ("grouped_flash", lambda: grouped_step(grouped, prefix, suffixes, weights)),
                          ("ungrouped", lambda: ungrouped_step(compiled, prefix, suffixes, weights))):
-            os.environ["EFFCC_PREFIX_ATTENTION"] = "flash" if name == "grouped_flash" else "triton"
             model.zero_grad(set_to_none=True)
             try:
-                row[f"{name}_ms"] = timed(fn)
+                row[f"{name}_ms"], row[f"{name}_cpu_issue_ms"] = timed(fn, with_cpu=True)
                 model.zero_grad(set_to_none=True)
                 row[f"{name}_peak_GiB"] = peak_memory(fn)
             except torch.OutOfMemoryError:
                 row[f"{name}_ms"], row[f"{name}_peak_GiB"] = None, "OOM"
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-        os.environ.pop("EFFCC_PREFIX_ATTENTION", None)
-        for variant in ("grouped", "grouped_flash"):
-            if row[f"{variant}_ms"] and row["ungrouped_ms"]:
-                row[f"{variant}_speedup"] = row["ungrouped_ms"] / row[f"{variant}_ms"]
-                row[f"{variant}_of_ideal"] = row[f"{variant}_speedup"] / row["ideal_flop_ratio"]
+        if row["grouped_ms"] and row["ungrouped_ms"]:
+            row["speedup"] = row["ungrouped_ms"] / row["grouped_ms"]
+            row["of_ideal"] = row["speedup"] / row["ideal_flop_ratio"]
         print("  " + json.dumps(row), flush=True)
         rows.append(row)
         on_row(row)

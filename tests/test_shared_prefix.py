@@ -353,3 +353,23 @@ def test_grouped_model_on_the_gpu_in_bf16():
     prefix, suffix, mask = (t.cuda() for t in ragged_group(40, (16, 9, 1, 24)))
     logprobs = grouped.token_logprobs(prefix, suffix, mask)
     assert relative_error(logprobs, ungrouped_logprobs(model, prefix, suffix, mask)) <= 3e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Inductor launching the Triton kernels itself)")
+def test_compiled_grouped_model_on_the_gpu_matches_eager_and_new_shapes_reuse_the_code():
+    """Under torch.compile the prefix attention is a triton_op that Inductor inlines: same log-probs and
+    gradients as the eager grouped model (both float32 on the same kernels), two group shapes, one compile."""
+    model = build("llama", torch.float32, layers=3).cuda()
+    eager, compiled = effcc.shared_prefix(model), effcc.shared_prefix(model).compile()
+    torch._dynamo.utils.counters.clear()
+    for seed, (prefix_len, lengths) in enumerate([(40, (16, 9, 1, 24)), (57, (3, 30))]):
+        prefix, suffix, mask = (t.cuda() for t in ragged_group(prefix_len, lengths, seed))
+        loss_weights = weights(mask).float().cuda()
+        want = eager.token_logprobs(prefix, suffix, mask)
+        want_grads = grads_of(model, (want * loss_weights).sum())
+        got = compiled.token_logprobs(prefix, suffix, mask)
+        got_grads = grads_of(model, (got * loss_weights).sum())
+        assert relative_error(got, want) <= 1e-5
+        for name, grad in want_grads.items():
+            assert relative_error(got_grads[name], grad) <= 1e-4, name
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3, dict(torch._dynamo.utils.counters["stats"])

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.library import triton_op
 
 from . import prefix_attention_flash as _flash
 
@@ -46,23 +47,19 @@ class PackedLayout:
     @classmethod
     def build(cls, groups: list[tuple[int, list[int]]], device=None) -> PackedLayout:
         """`groups`: (prefix length, [suffix lengths]) per group, in packing order."""
-        group_start, prefix_end, segment_start, visible_until = [], [], [], []
+        lengths, per_segment = [], []  # per segment: (group start, prefix end, segment start, visible until)
         at = 0
         for prefix_len, suffix_lens in groups:
             start, p_end = at, at + prefix_len
-            group_end = p_end + sum(suffix_lens)
-            group_start += [start] * prefix_len
-            prefix_end += [p_end] * prefix_len
-            segment_start += [start] * prefix_len
-            visible_until += [group_end] * prefix_len
+            lengths.append(prefix_len)
+            per_segment.append((start, p_end, start, p_end + sum(suffix_lens)))  # a prefix token is seen by its whole group
             at = p_end
             for length in suffix_lens:
-                group_start += [start] * length
-                prefix_end += [p_end] * length
-                segment_start += [at] * length
-                visible_until += [at + length] * length
+                lengths.append(length)
+                per_segment.append((start, p_end, at, at + length))
                 at += length
-        vectors = [torch.tensor(v, dtype=torch.int32) for v in (group_start, prefix_end, segment_start, visible_until)]
+        # one value per segment, repeated over its tokens (a Python list per token took ms at N ~ 10⁴)
+        vectors = torch.tensor(per_segment, dtype=torch.int32).repeat_interleave(torch.tensor(lengths), dim=0).t().contiguous()
         plan = flash_plan(groups)
         on_device = move_together([*vectors, *plan[:-1]], device)  # plan[-1] (launch sizes) stays on the CPU
         return cls(*on_device[:4], (*on_device[4:], plan[-1]))
@@ -105,24 +102,18 @@ def flash_plan(groups: list[tuple[int, list[int]]]) -> tuple[Tensor, ...]:
       group_suffix_bounds  int32 cumulative suffix-token counts per group (into suffix_rows)
       longest              int64 on the CPU: the longest segment, group's suffix tokens, prefix
                            (kernel launch sizes, read without waiting for the GPU)"""
-    segments, prefix_rows, suffix_rows, prefix_counts, suffix_counts = [], [], [], [], []
-    at = 0
+    segments, prefix_counts, suffix_counts = [], [], []
     for prefix_len, suffix_lens in groups:
-        segments.append(prefix_len)
-        prefix_rows += range(at, at + prefix_len)
-        at += prefix_len
-        suffix_rows += range(at, at + sum(suffix_lens))
-        at += sum(suffix_lens)
-        segments += [length for length in suffix_lens if length]
+        segments += [prefix_len, *(length for length in suffix_lens if length)]
         prefix_counts.append(prefix_len)
         suffix_counts.append(sum(suffix_lens))
+    is_prefix = torch.tensor([True, False] * len(groups)).repeat_interleave(torch.tensor([n for pair in zip(prefix_counts, suffix_counts) for n in pair]))
 
     def bounds(lengths):
         return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
 
     longest = torch.tensor([max(segments), max(suffix_counts), max(prefix_counts)], dtype=torch.int64)
-    rows = lambda values: torch.tensor(values, dtype=torch.int64)
-    return bounds(segments), rows(prefix_rows), rows(suffix_rows), bounds(prefix_counts), bounds(suffix_counts), longest
+    return bounds(segments), is_prefix.nonzero()[:, 0], (~is_prefix).nonzero()[:, 0], bounds(prefix_counts), bounds(suffix_counts), longest
 
 
 def visible_keys(group_start: Tensor, prefix_end: Tensor, segment_start: Tensor) -> Tensor:
@@ -146,12 +137,26 @@ def prefix_attention_reference(q: Tensor, k: Tensor, v: Tensor, group_start: Ten
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-# ---- the op: Triton kernels on CUDA (or under TRITON_INTERPRET=1), the reference elsewhere ------
-def _use_kernel(q: Tensor) -> bool:
-    """float64 and plain CPU runs take the reference; the kernels accumulate in float32."""
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+# ---- the ops: Triton kernels on CUDA (CPU: the reference, or the kernels under TRITON_INTERPRET=1) --
+# triton_op rather than custom_op: Inductor sees the kernel launches and emits them in its own
+# generated code, with no Python op dispatch per call (which cost more than the kernels' GPU time
+# at training sizes: 24 layers × forward and backward).
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _runs_kernels(q: Tensor) -> bool:
+    """float64 takes the reference: the kernels accumulate in float32 and float64 runs must stay exact.
+    So does a CPU tensor that reaches the op's body, which is torch.compile tracing on the CPU (real CPU
+    tensors go to the "cpu" kernel below): the interpreter cannot run on traced tensors, and
+    wrap_triton hands interpreted kernels back unwrapped, so the compiled graph holds the reference."""
+    return q.dtype != torch.float64 and (q.is_cuda or not _is_traced(q))
+
+
+def _is_traced(t: Tensor) -> bool:
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (torch._subclasses.FakeTensor, FunctionalTensor))
 
 
 def _kernels():
@@ -168,7 +173,7 @@ def _reference_with_lse(q, k, v, group_start, prefix_end, segment_start, scale):
     scores = scores.masked_fill(~visible_keys(group_start, prefix_end, segment_start), float("-inf"))
     lse = torch.logsumexp(scores.to(_lse_dtype(q)), dim=-1)
     out = torch.softmax(scores, dim=-1) @ v
-    return out, lse
+    return out.contiguous(), lse.contiguous()
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -194,7 +199,21 @@ def _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, se
     return dq.contiguous(), fold(dk).contiguous(), fold(dv).contiguous()
 
 
-@torch.library.custom_op("effcc::prefix_attention_fwd", mutates_args=())
+def _kernel_forward(q, k, v, group_start, prefix_end, segment_start, scale):
+    if not _runs_kernels(q):
+        return _reference_with_lse(q, k, v, group_start, prefix_end, segment_start, scale)
+    out, lse = _kernels().forward(q, k, v, group_start, prefix_end, segment_start, scale)
+    return out.contiguous(), lse.contiguous()
+
+
+def _kernel_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale):
+    if not _runs_kernels(q):
+        return _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, scale)
+    grads = _kernels().backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
+    return tuple(g.contiguous() for g in grads)
+
+
+@triton_op("effcc::prefix_attention_fwd", mutates_args=())
 def prefix_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor,
     plan: list[Tensor], scale: float,
@@ -204,38 +223,33 @@ def prefix_attention_fwd(
     The layout is PackedLayout.op_inputs(): visible_until is only read by the backward, `plan`
     (the flash plan, or empty) only by the FlashAttention split.
     CUDA: effcc's Triton kernels, or with EFFCC_PREFIX_ATTENTION=flash (fp16/bf16, a flash plan)
-    FlashAttention's variable-length kernels split and merged; the interpreter runs the Triton
-    kernels too; the rest: the reference."""
+    FlashAttention's variable-length kernels split and merged (an opaque op of its own)."""
     if _flash.usable(q, k, plan):
-        return _flash.forward(q, k, v, plan, scale)
-    if _use_kernel(q):
-        out, lse = _kernels().forward(q, k, v, group_start, prefix_end, segment_start, scale)
-        return out.contiguous(), lse.contiguous()
-    out, lse = _reference_with_lse(q, k, v, group_start, prefix_end, segment_start, scale)
-    return out.contiguous(), lse.contiguous()
+        return torch.ops.effcc.prefix_attention_flash_fwd(q, k, v, plan, scale)
+    return _kernel_forward(q, k, v, group_start, prefix_end, segment_start, scale)
 
 
-@prefix_attention_fwd.register_fake
-def _(q, k, v, group_start, prefix_end, segment_start, visible_until, plan, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))  # contiguous, as the op returns
-
-
-@torch.library.custom_op("effcc::prefix_attention_bwd", mutates_args=())
+@triton_op("effcc::prefix_attention_bwd", mutates_args=())
 def prefix_attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor, plan: list[Tensor], scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _flash.usable(q, k, plan):
-        return _flash.backward(grad_out, q, k, v, out, lse, plan, scale)
-    if _use_kernel(q):
-        grads = _kernels().backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
-        return tuple(g.contiguous() for g in grads)
-    return _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, scale)
+        return torch.ops.effcc.prefix_attention_flash_bwd(grad_out, q, k, v, out, lse, plan, scale)
+    return _kernel_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
 
 
-@prefix_attention_bwd.register_fake
+@prefix_attention_fwd.register_kernel("cpu")
+def _(q, k, v, group_start, prefix_end, segment_start, visible_until, plan, scale):
+    forward = _kernel_forward if _interpreting() else _reference_with_lse
+    return forward(q, k, v, group_start, prefix_end, segment_start, scale)
+
+
+@prefix_attention_bwd.register_kernel("cpu")
 def _(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, plan, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    if _interpreting():
+        return _kernel_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
+    return _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, scale)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -246,7 +260,7 @@ def _save_for_backward(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, *plan = ctx.saved_tensors
-    dq, dk, dv = prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, plan, ctx.scale)
+    dq, dk, dv = torch.ops.effcc.prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, plan, ctx.scale)
     return dq, dk, dv, None, None, None, None, [None] * len(plan), None
 
 
@@ -263,5 +277,5 @@ def prefix_attention(
     if q.shape[0] != 1:
         raise ValueError(f"prefix_attention runs on one packed sequence (batch 1), got a batch of {q.shape[0]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, _ = prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, visible_until, list(plan), scale)
+    out, _ = torch.ops.effcc.prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, visible_until, list(plan), scale)
     return out.unsqueeze(0)

@@ -96,3 +96,25 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         dk = dk.index_add(0, prefix_rows, dk_p)
         dv = dv.index_add(0, prefix_rows, dv_p)
     return tuple(t.transpose(0, 1).contiguous() for t in (dq, dk, dv))
+
+
+# Opaque ops: the split reads its launch sizes from a CPU tensor, which a traced graph cannot.
+@torch.library.custom_op("effcc::prefix_attention_flash_fwd", mutates_args=())
+def forward_op(q: Tensor, k: Tensor, v: Tensor, plan: list[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    return forward(q, k, v, plan, scale)
+
+
+@forward_op.register_fake
+def _(q, k, v, plan, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("effcc::prefix_attention_flash_bwd", mutates_args=())
+def backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: list[Tensor],
+                scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return backward(grad_out, q, k, v, out, lse, plan, scale)
+
+
+@backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, plan, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from .quantized_linear import INTERPRETING, autotune_configs
 
@@ -387,9 +388,11 @@ def _rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _n_bucket(n: int) -> int:
-    """Autotuning key for the packed length: powers of two, so that new lengths reuse a tuning."""
-    return min(triton.next_power_of_2(n), 1 << 16)
+def _n_bucket(n) -> int:
+    """Autotuning key for the packed length: powers of two, so that new lengths reuse a tuning.
+    A symbolic length (Inductor tracing the op) gets 0: Inductor tunes the kernel on its first
+    call itself, and rounding a symbol would tie the compiled graph to one bucket."""
+    return min(triton.next_power_of_2(n), 1 << 16) if isinstance(n, int) else 0
 
 
 def _block_d(d: int) -> int:
@@ -420,7 +423,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Te
     lse = torch.empty((heads, n), dtype=torch.float32, device=q.device)
     if n == 0 or heads == 0:
         return out, lse
-    _FORWARD[d > 128][lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
+    wrap_triton(_FORWARD[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
         q, k, v, out, lse, group_start, prefix_end, segment_start,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         n, _n_bucket(n), heads // k.shape[0], scale * LOG2E.value,
@@ -445,18 +448,18 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         return dq, dk, dv
     block_d = _block_d(d)
     delta = torch.empty((heads, n), dtype=torch.float32, device=q.device)
-    _delta_kernel[(triton.cdiv(n, _DELTA_BLOCK_M), heads)](
+    wrap_triton(_delta_kernel)[(triton.cdiv(n, _DELTA_BLOCK_M), heads)](
         out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n,
         HEAD_DIM=d, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d,
     )
     common = (n, _n_bucket(n), heads // kv_heads, scale * LOG2E.value, scale)
-    _DKDV[d > 128][lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), kv_heads)](
+    wrap_triton(_DKDV[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), kv_heads)](
         q, k, v, grad_out, lse, delta, dk, dv, visible_until,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         *common, HEAD_DIM=d, BLOCK_D=block_d,
     )
-    _DQ[d > 128][lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
+    wrap_triton(_DQ[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
         q, k, v, grad_out, lse, delta, dq, group_start, prefix_end, segment_start, visible_until,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
         dq.stride(0), dq.stride(1),
