@@ -363,8 +363,9 @@ def test_compiled_grouped_model_on_the_gpu_matches_eager_and_new_shapes_reuse_th
     eager, compiled = effcc.shared_prefix(model), effcc.shared_prefix(model).compile()
     torch._dynamo.utils.counters.clear()
     for seed, (prefix_len, lengths) in enumerate([(40, (16, 9, 1, 24)), (57, (3, 30))]):
-        prefix, suffix, mask = (t.cuda() for t in ragged_group(prefix_len, lengths, seed))
+        prefix, suffix, mask = ragged_group(prefix_len, lengths, seed)
         loss_weights = weights(mask).float().cuda()
+        prefix, suffix, mask = prefix.cuda(), suffix.cuda(), mask.cuda()
         want = eager.token_logprobs(prefix, suffix, mask)
         want_grads = grads_of(model, (want * loss_weights).sum())
         got = compiled.token_logprobs(prefix, suffix, mask)

@@ -181,6 +181,7 @@ def _forward_kernel(
     N, N_BUCKET, heads_per_kv, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math (and loop state) fp32
     m0 = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     kv_head = head // heads_per_kv
@@ -261,6 +262,7 @@ def _dkdv_kernel(
     N, N_BUCKET, heads_per_kv, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math (and loop state) fp32
     n0 = tl.program_id(0) * BLOCK_N
     kv_head = tl.program_id(1)
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -326,6 +328,7 @@ def _dq_kernel(
     N, N_BUCKET, heads_per_kv, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math (and loop state) fp32
     m0 = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     kv_head = head // heads_per_kv
