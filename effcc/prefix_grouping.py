@@ -39,6 +39,7 @@ class PackedBatch:
     keep: Tensor  # [K] token indices whose logits are computed
     suffix_tokens: Tensor  # [sum of lengths] the real suffix tokens, groups in order (targets of token_logprobs)
     suffix_counts: list[int]  # real suffix tokens per group
+    suffix_places: list[Tensor]  # per group: where its real suffix tokens sit in its [G·S] grid (right padding)
     longest_sequence: int  # the longest ungrouped sequence P + S_g, for the mask check
 
 
@@ -70,7 +71,7 @@ class SharedPrefixModel(nn.Module):
         groups, several = _as_groups(prefix_ids, suffix_ids, suffix_mask)
         batch = pack(groups, rows="suffix")
         logits = self._logits(batch)
-        pieces = _unpack_rows(logits, [mask for _, _, mask in groups], batch.suffix_counts)
+        pieces = _unpack_rows(logits, [suffix.shape for _, suffix, _ in groups], batch)
         return pieces if several else pieces[0]
 
     def token_logprobs(self, prefix_ids, suffix_ids, suffix_mask=None):
@@ -83,7 +84,7 @@ class SharedPrefixModel(nn.Module):
         logits = self._logits(batch)
         wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         logprobs = torch.log_softmax(wide, dim=-1).gather(-1, batch.suffix_tokens[:, None]).squeeze(-1)
-        pieces = _unpack_rows(logprobs, [mask for _, _, mask in groups], batch.suffix_counts)
+        pieces = _unpack_rows(logprobs, [suffix.shape for _, suffix, _ in groups], batch)
         return pieces if several else pieces[0]
 
     def _logits(self, batch: PackedBatch) -> Tensor:
@@ -95,7 +96,7 @@ class SharedPrefixModel(nn.Module):
 
 # ---- inputs: checking and packing --------------------------------------------------------------
 def _as_groups(prefix_ids, suffix_ids, suffix_mask):
-    """[(prefix [P], suffixes [G, S], mask [G, S] bool)], and whether several groups were given."""
+    """[(prefix [P], suffixes [G, S], [real tokens per suffix])], and whether several groups were given."""
     several = isinstance(prefix_ids, (list, tuple))
     prefixes = list(prefix_ids) if several else [prefix_ids]
     suffixes = list(suffix_ids) if several else [suffix_ids]
@@ -112,14 +113,22 @@ def _as_groups(prefix_ids, suffix_ids, suffix_mask):
             raise ValueError(f"{where}prefix_ids must be a non-empty 1-D tensor of token ids [P], got {_shape(prefix)}")
         if not isinstance(suffix, Tensor) or suffix.dim() != 2:
             raise ValueError(f"{where}suffix_ids must be a 2-D tensor [G, S], got {_shape(suffix)}")
-        if mask is None:
-            mask = torch.ones(suffix.shape, dtype=torch.bool, device=suffix.device)
-        if mask.shape != suffix.shape or mask.dtype != torch.bool:
-            raise ValueError(f"{where}suffix_mask must be a bool tensor of suffix_ids' shape {tuple(suffix.shape)}, got {_shape(mask)} {mask.dtype}")
-        if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
-            raise ValueError(f"{where}suffix_mask must be right-padded (True for real tokens, then False)")
-        groups.append((prefix, suffix, mask))
+        groups.append((prefix, suffix, _suffix_lengths(mask, suffix, where)))
     return groups, several
+
+
+def _suffix_lengths(mask: Tensor | None, suffix: Tensor, where: str) -> list[int]:
+    """Real tokens per suffix row.  Without a mask every row is full and nothing waits for the GPU;
+    a mask is read once on the CPU (the layout is built there)."""
+    if mask is None:
+        return [suffix.shape[1]] * suffix.shape[0]
+    if not isinstance(mask, Tensor) or mask.shape != suffix.shape or mask.dtype != torch.bool:
+        raise ValueError(f"{where}suffix_mask must be a bool tensor of suffix_ids' shape {tuple(suffix.shape)}, got {_shape(mask)} "
+                         f"{getattr(mask, 'dtype', '')}".rstrip())
+    mask = mask.cpu()
+    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError(f"{where}suffix_mask must be right-padded (True for real tokens, then False)")
+    return mask.sum(1).tolist()
 
 
 def _shape(value) -> str:
@@ -129,12 +138,12 @@ def _shape(value) -> str:
 def pack(groups, rows: str) -> PackedBatch:
     """Pack groups into one sequence; `rows` says which tokens' logits to keep:
     "suffix" (every suffix token) or "predicting" (the tokens that predict a suffix token)."""
-    ids, positions, keep, layout_groups, suffix_tokens, suffix_counts = [], [], [], [], [], []
+    ids, positions, keep, layout_groups, suffix_tokens, suffix_counts, places = [], [], [], [], [], [], []
     at, longest = 0, 0
-    for prefix, suffix, mask in groups:
-        lengths = mask.sum(1).tolist()  # the one wait for the GPU, if the mask lives there
+    for prefix, suffix, lengths in groups:
         layout_groups.append((prefix.numel(), lengths))
         suffix_counts.append(sum(lengths))
+        places.append(_places_in_grid(lengths, suffix.shape[1]))
         ids.append(prefix)
         positions.append(torch.arange(prefix.numel()))
         last_prefix_token = at + prefix.numel() - 1
@@ -152,7 +161,7 @@ def pack(groups, rows: str) -> PackedBatch:
             longest = max(longest, prefix.numel() + length)
     device = groups[0][0].device
     keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
-    positions, keep = move_together([torch.cat(positions)[None], keep], device)
+    positions, keep, *places = move_together([torch.cat(positions)[None], keep, *places], device)
     return PackedBatch(
         input_ids=torch.cat([t.to(device) for t in ids])[None],
         position_ids=positions,
@@ -160,17 +169,24 @@ def pack(groups, rows: str) -> PackedBatch:
         keep=keep,
         suffix_tokens=torch.cat([t.to(device) for t in suffix_tokens]),
         suffix_counts=suffix_counts,
+        suffix_places=places,
         longest_sequence=max(longest, 2),
     )
 
 
-def _unpack_rows(rows: Tensor, masks: list[Tensor], counts: list[int]) -> list[Tensor]:
-    """Kept rows [K, …] (groups in order, suffix tokens row-major) → one [G, S, …] per group, zeros at padding."""
+def _places_in_grid(lengths: list[int], width: int) -> Tensor:
+    """Flat indices into a [G, width] grid of the first lengths[g] entries of each row g."""
+    return (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).flatten().nonzero()[:, 0]
+
+
+def _unpack_rows(rows: Tensor, shapes: list[torch.Size], batch: PackedBatch) -> list[Tensor]:
+    """Kept rows [K, …] (groups in order, suffix tokens row-major) → one [G, S, …] per group, zeros at padding.
+    Scattered by indices made on the CPU: a boolean-mask scatter would wait for the GPU to finish the
+    forward before the CPU could queue the backward."""
     pieces, at = [], 0
-    for mask, count in zip(masks, counts):
-        piece = rows.new_zeros(*mask.shape, *rows.shape[1:])
-        piece[mask] = rows[at : at + count]
-        pieces.append(piece)
+    for shape, count, places in zip(shapes, batch.suffix_counts, batch.suffix_places):
+        grid = rows.new_zeros(shape.numel(), *rows.shape[1:])
+        pieces.append(grid.index_copy(0, places, rows[at : at + count]).view(*shape, *rows.shape[1:]))
         at += count
     return pieces
 
