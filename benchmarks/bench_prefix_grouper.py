@@ -66,8 +66,13 @@ def attention_rows(shapes) -> list[dict]:
     flex = torch.compile(flex_attention)
     rows = []
     heads, dim = 16, 64
+    def packed_layout(groups, attention: str):
+        os.environ["EFFCC_PREFIX_ATTENTION"] = attention  # read when the layout is built (where the plan lives) and at each call
+        return PackedLayout.build(groups, device=DEVICE)
+
     for prefix_len, group, suffix_len in shapes:
-        layout = PackedLayout.build([(prefix_len, [suffix_len] * group)], device=DEVICE)
+        flash_layout = packed_layout([(prefix_len, [suffix_len] * group)], "flash")
+        layout = packed_layout([(prefix_len, [suffix_len] * group)], "triton")
         n = prefix_len + group * suffix_len
         q, k, v = (torch.randn(1, heads, n, dim, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
         qu, ku, vu = (torch.randn(group, heads, prefix_len + suffix_len, dim, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
@@ -85,7 +90,7 @@ def attention_rows(shapes) -> list[dict]:
         compiled_op = torch.compile(lambda a, b, c: prefix_attention(a, b, c, *layout.op_inputs()))
         cases = {
             "effcc prefix_attention, Triton, torch.compile (packed)": lambda: step(compiled_op, q, k, v),
-            "effcc prefix_attention, flash split (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, *layout.op_inputs()), q, k, v),
+            "effcc prefix_attention, flash split (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, *flash_layout.op_inputs()), q, k, v),
             "effcc prefix_attention, Triton (packed)": lambda: step(lambda a, b, c: prefix_attention(a, b, c, *layout.op_inputs()), q, k, v),
             "flex_attention (packed, block mask)": lambda: step(lambda a, b, c: flex(a, b, c, block_mask=block_mask), q, k, v),
             "sdpa flash (ungrouped batch)": lambda: step(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True), qu, ku, vu),
@@ -124,6 +129,7 @@ def step_flops(model, prefix_len, group, suffix_len, grouped: bool) -> float:
 
 
 def ungrouped_step(compiled, prefix, suffixes, weights):
+    torch.compiler.cudagraph_mark_step_begin()  # a new step for --mode reduce-overhead (no-op otherwise)
     prefix_len, suffix_len = prefix.numel(), suffixes.shape[1]
     batch = torch.cat([prefix.expand(suffixes.shape[0], -1), suffixes], dim=1)
     rows = torch.arange(prefix_len - 1, prefix_len + suffix_len - 1, device=batch.device)  # the rows that predict suffix tokens
@@ -133,10 +139,11 @@ def ungrouped_step(compiled, prefix, suffixes, weights):
 
 
 def grouped_step(grouped, prefix, suffixes, weights):
+    torch.compiler.cudagraph_mark_step_begin()
     (grouped.token_logprobs(prefix, suffixes) * weights).sum().backward()
 
 
-def compiled_sides(model, eager: bool, whole_graph: bool):
+def compiled_sides(model, eager: bool, whole_graph: bool, mode: str | None = None):
     """(ungrouped, grouped) callables.  By default both compile by layer, one layer's code for all 24
     (`layer.compile()` on the Hugging Face layers; effcc.shared_prefix(...).compile() cuts its graph
     into layers likewise): compiling two 24-layer graphs took most of a 10-minute device call."""
@@ -145,26 +152,26 @@ def compiled_sides(model, eager: bool, whole_graph: bool):
     if eager:
         return model, effcc.shared_prefix(model)
     if whole_graph:
-        return torch.compile(model, dynamic=True), effcc.shared_prefix(model).compile(by_block=False)
-    grouped = effcc.shared_prefix(model).compile()  # captures the model before its layers are wrapped
+        return torch.compile(model, dynamic=True, mode=mode), effcc.shared_prefix(model).compile(by_block=False, mode=mode)
+    grouped = effcc.shared_prefix(model).compile(mode=mode)  # captures the model before its layers are wrapped
     for layer in model.model.layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, mode=mode)
     return model, grouped
 
 
-def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=False, whole_graph=False) -> list[dict]:
+def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=False, whole_graph=False, mode=None) -> list[dict]:
     model = decoder()
     params = sum(p.numel() for p in model.parameters())
     print(f"  model: {params / 1e6:.0f}M parameters", flush=True)
     started = time.time()
-    compiled, grouped = compiled_sides(model, eager, whole_graph)
+    compiled, grouped = compiled_sides(model, eager, whole_graph, mode)
     rows = []
     for prefix_len, group, suffix_len in shapes:
         prefix = torch.randint(0, 32000, (prefix_len,), device=DEVICE)
         suffixes = torch.randint(0, 32000, (group, suffix_len), device=DEVICE)
         weights = torch.randn(group, suffix_len, device=DEVICE)
-        mode = "eager" if eager else "torch.compile, whole graph" if whole_graph else "torch.compile by layer"
-        row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6, "mode": mode}
+        label = "eager" if eager else "torch.compile, whole graph" if whole_graph else "torch.compile by layer"
+        row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6, "mode": label + (f", mode={mode}" if mode else "")}
         row["ideal_flop_ratio"] = step_flops(model, prefix_len, group, suffix_len, False) / step_flops(model, prefix_len, group, suffix_len, True)
         if time.time() - started > budget_s:
             print(f"  skipped P={prefix_len} G={group} S={suffix_len}: time budget", flush=True)
@@ -212,6 +219,7 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/prefix_grouper.json")
     parser.add_argument("--eager", action="store_true", help="model rows without torch.compile (both sides)")
     parser.add_argument("--whole-graph", action="store_true", help="compile each side as one graph, not layer by layer")
+    parser.add_argument("--mode", help="torch.compile mode for both sides (e.g. reduce-overhead: CUDA graphs)")
     parser.add_argument("--shapes", help="model shapes as PxGxS,PxGxS (default: the 12 of the issue)")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no new model shape after this many seconds")
     args = parser.parse_args()
@@ -240,7 +248,7 @@ def main():
         save()
     result["model"] = []
     model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()), budget_s=args.budget_s, eager=args.eager,
-               whole_graph=args.whole_graph)
+               whole_graph=args.whole_graph, mode=args.mode)
     print(f"wrote {out}")
 
 

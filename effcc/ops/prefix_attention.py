@@ -61,8 +61,12 @@ class PackedLayout:
         # one value per segment, repeated over its tokens (a Python list per token took ms at N ~ 10⁴)
         vectors = torch.tensor(per_segment, dtype=torch.int32).repeat_interleave(torch.tensor(lengths), dim=0).t().contiguous()
         plan = flash_plan(groups)
-        on_device = move_together([*vectors, *plan[:-1]], device)  # plan[-1] (launch sizes) stays on the CPU
-        return cls(*on_device[:4], (*on_device[4:], plan[-1]))
+        if _flash.asked_for():  # the split reads its launch sizes (plan[-1]) without waiting: they stay on the CPU
+            on_device = move_together([*vectors, *plan[:-1]], device)
+            return cls(*on_device[:4], (*on_device[4:], plan[-1]))
+        # else nothing reads them, and a graph with no CPU input can be replayed as a CUDA graph
+        on_device = move_together([*vectors, *plan], device)
+        return cls(*on_device[:4], tuple(on_device[4:]))
 
     def op_inputs(self) -> tuple[Tensor, ...]:
         """What effcc::prefix_attention_fwd takes after q, k, v."""
@@ -100,8 +104,8 @@ def flash_plan(groups: list[tuple[int, list[int]]]) -> tuple[Tensor, ...]:
       suffix_rows          int64 packed indices of the suffix tokens, group after group
       prefix_bounds        int32 cumulative prefix lengths per group (into prefix_rows)
       group_suffix_bounds  int32 cumulative suffix-token counts per group (into suffix_rows)
-      longest              int64 on the CPU: the longest segment, group's suffix tokens, prefix
-                           (kernel launch sizes, read without waiting for the GPU)"""
+      longest              int64: the longest segment, group's suffix tokens, prefix (on the CPU when
+                           the split is asked for: its kernel launch sizes, read without waiting for the GPU)"""
     segments, prefix_counts, suffix_counts = [], [], []
     for prefix_len, suffix_lens in groups:
         segments += [prefix_len, *(length for length in suffix_lens if length)]

@@ -27,10 +27,15 @@ aten = torch.ops.aten
 _UNUSED_RNG = {}  # dropout is 0: the backward kernels never read the RNG state, but take one
 
 
+def asked_for() -> bool:
+    """EFFCC_PREFIX_ATTENTION=flash (effcc's Triton kernel is the default, measured faster)."""
+    return os.environ.get("EFFCC_PREFIX_ATTENTION", "triton") == "flash"
+
+
 def usable(q: Tensor, k: Tensor, plan) -> bool:
-    """Asked for (EFFCC_PREFIX_ATTENTION=flash; effcc's Triton kernel is the default, measured faster), CUDA fp16/bf16, a plan."""
+    """Asked for, CUDA fp16/bf16, a plan whose launch sizes (its last tensor) are on the CPU."""
     return (
-        len(plan) == 6 and os.environ.get("EFFCC_PREFIX_ATTENTION", "triton") == "flash" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        len(plan) == 6 and asked_for() and plan[-1].device.type == "cpu" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and q.shape[0] % k.shape[0] == 0
     )
 
