@@ -1,6 +1,6 @@
 """Shared-prefix (Prefix Grouper) training step on the GPU: grouped vs ungrouped, one process.
 
-    python benchmarks/bench_prefix_grouper.py [--quick] [--out benchmarks/results/prefix_grouper_h100.json]
+    python benchmarks/bench_prefix_grouper.py [--quick] [--out benchmarks/results/prefix_grouper_h200.json] [--mode reduce-overhead]
 
 1. Attention alone (bf16, H=16, D=64), forward + backward: effcc's prefix-attention
    kernel on the packed layout [P, S_1 … S_G] (eager calls, and under torch.compile, where
