@@ -143,7 +143,21 @@ def grouped_step(grouped, prefix, suffixes, weights):
     (grouped.token_logprobs(prefix, suffixes) * weights).sum().backward()
 
 
-def compiled_sides(model, eager: bool, whole_graph: bool, mode: str | None = None):
+class LayerRun(torch.nn.Module):
+    """Consecutive Hugging Face decoder layers called as one, to be compiled as one part (the ungrouped
+    side's counterpart of `compile(blocks_per_part=k)`)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, *args, **kwargs)
+        return hidden_states
+
+
+def compiled_sides(model, eager: bool, whole_graph: bool, mode: str | None = None, blocks_per_part: int = 1):
     """(ungrouped, grouped) callables.  By default both compile by layer, one layer's code for all 24
     (`layer.compile()` on the Hugging Face layers; effcc.shared_prefix(...).compile() cuts its graph
     into layers likewise): compiling two 24-layer graphs took most of a 10-minute device call."""
@@ -153,24 +167,29 @@ def compiled_sides(model, eager: bool, whole_graph: bool, mode: str | None = Non
         return model, effcc.shared_prefix(model)
     if whole_graph:
         return torch.compile(model, dynamic=True, mode=mode), effcc.shared_prefix(model).compile(by_block=False, mode=mode)
-    grouped = effcc.shared_prefix(model).compile(mode=mode)  # captures the model before its layers are wrapped
-    for layer in model.model.layers:
-        layer.compile(dynamic=True, mode=mode)
+    grouped = effcc.shared_prefix(model).compile(mode=mode, blocks_per_part=blocks_per_part)  # captured before the layers are wrapped
+    layers = list(model.model.layers)
+    if blocks_per_part > 1:
+        model.model.layers = torch.nn.ModuleList(LayerRun(layers[i : i + blocks_per_part]) for i in range(0, len(layers), blocks_per_part))
+    for part in model.model.layers:
+        part.compile(dynamic=True, mode=mode)
     return model, grouped
 
 
-def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=False, whole_graph=False, mode=None) -> list[dict]:
+def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=False, whole_graph=False, mode=None,
+               blocks_per_part=1) -> list[dict]:
     model = decoder()
     params = sum(p.numel() for p in model.parameters())
     print(f"  model: {params / 1e6:.0f}M parameters", flush=True)
     started = time.time()
-    compiled, grouped = compiled_sides(model, eager, whole_graph, mode)
+    compiled, grouped = compiled_sides(model, eager, whole_graph, mode, blocks_per_part)
     rows = []
     for prefix_len, group, suffix_len in shapes:
         prefix = torch.randint(0, 32000, (prefix_len,), device=DEVICE)
         suffixes = torch.randint(0, 32000, (group, suffix_len), device=DEVICE)
         weights = torch.randn(group, suffix_len, device=DEVICE)
-        label = "eager" if eager else "torch.compile, whole graph" if whole_graph else "torch.compile by layer"
+        label = "eager" if eager else "torch.compile, whole graph" if whole_graph else \
+            "torch.compile by layer" if blocks_per_part == 1 else f"torch.compile by {blocks_per_part} layers"
         row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6, "mode": label + (f", mode={mode}" if mode else "")}
         row["ideal_flop_ratio"] = step_flops(model, prefix_len, group, suffix_len, False) / step_flops(model, prefix_len, group, suffix_len, True)
         if time.time() - started > budget_s:
@@ -219,6 +238,7 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/prefix_grouper.json")
     parser.add_argument("--eager", action="store_true", help="model rows without torch.compile (both sides)")
     parser.add_argument("--whole-graph", action="store_true", help="compile each side as one graph, not layer by layer")
+    parser.add_argument("--blocks-per-part", type=int, default=1, help="compile runs of this many layers as one part (both sides)")
     parser.add_argument("--mode", help="torch.compile mode for both sides (e.g. reduce-overhead: CUDA graphs)")
     parser.add_argument("--shapes", help="model shapes as PxGxS,PxGxS (default: the 12 of the issue)")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no new model shape after this many seconds")
@@ -248,7 +268,7 @@ def main():
         save()
     result["model"] = []
     model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()), budget_s=args.budget_s, eager=args.eager,
-               whole_graph=args.whole_graph, mode=args.mode)
+               whole_graph=args.whole_graph, mode=args.mode, blocks_per_part=args.blocks_per_part)
     print(f"wrote {out}")
 
 

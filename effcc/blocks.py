@@ -55,11 +55,14 @@ def _node_block(node: fx.Node) -> str | None:
     return block_of(path) or ""
 
 
-def block_partition(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], list[str]]:
-    """Each computing node → a partition: 0 before the blocks, i for the i-th block, last after them.
+def block_partition(gm: fx.GraphModule, blocks_per_part: int = 1) -> tuple[dict[fx.Node, int], list[str]]:
+    """Each computing node → a partition: 0 before the blocks, i for the i-th run of `blocks_per_part`
+    consecutive blocks, last after them; and the blocks in order.
 
     Nodes a pass added carry no module path: they go with the block of the node that reads
     them (a re-centred weight with its linear), or else with the latest block they read."""
+    if blocks_per_part < 1:
+        raise ValueError(f"blocks_per_part must be at least 1, got {blocks_per_part}")
     computing = [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
     order: dict[str, int] = {}
     for node in computing:
@@ -83,21 +86,26 @@ def block_partition(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], list[str]]:
         if part[node] is None:
             latest = max((part[a] for a in node.all_input_nodes if part.get(a) is not None), default=0)
             part[node] = after if latest == len(order) else latest
-    return part, list(order)
+    runs = -(-len(order) // blocks_per_part)  # blocks 1…B in runs of blocks_per_part: parts 1…runs, after → runs + 1
+    as_run = {i: (i - 1) // blocks_per_part + 1 for i in range(1, len(order) + 1)} | {0: 0, after: runs + 1}
+    return {node: as_run[index] for node, index in part.items()}, list(order)
 
 
-def split_into_blocks(gm: fx.GraphModule) -> fx.GraphModule:
-    """`gm` cut into submodules `submod_0` (before), one per block, and a last one (after), same results.
+def split_into_blocks(gm: fx.GraphModule, blocks_per_part: int = 1) -> fx.GraphModule:
+    """`gm` cut into submodules `submod_0` (before), one per block (or per run of `blocks_per_part`
+    blocks), and a last one (after), same results.
 
     Each submodule owns the tensors only it reads (same Parameter objects: nothing is copied);
     tensors read by several stay on the root and are passed in.  `effcc_original_names` maps
-    the moved tensors' new names (submod_1.model_layers_0_mlp_up_proj_weight) to the model's."""
-    part, blocks = block_partition(gm)
+    the moved tensors' new names (submod_1.model_layers_0_mlp_up_proj_weight) to the model's;
+    `effcc_blocks` lists the blocks, `effcc_parts` the blocks of each submod_1, submod_2, …"""
+    part, blocks = block_partition(gm, blocks_per_part)
     split = split_module(gm, None, lambda node: part[node], keep_original_order=True)
     split.graph._codegen = gm.graph._codegen  # the caller's input/output structure (a ModelOutput, kwargs)
     _move_private_tensors_into_partitions(split)
     split.recompile()
     split.effcc_blocks = blocks
+    split.effcc_parts = [blocks[i : i + blocks_per_part] for i in range(0, len(blocks), blocks_per_part)]
     return split
 
 
@@ -159,15 +167,18 @@ def share_block_code(split: fx.GraphModule) -> list[list[str]]:
     that torch.compile traces and compiles that code once.  Returns the groups of submodule names
     that share.
 
-    A block's tensors are renamed relative to it (`model_layers_3_mlp_up_proj_weight` → `mlp_up_proj_weight`),
-    then blocks are compared node by node (operator, constant arguments, which earlier node each
-    argument is, which tensor each get_attr reads); only identical ones share.  A block with a
-    tensor not named after it (a tensor a pass added) keeps its own code."""
+    A block's tensors are renamed relative to it (`model_layers_3_mlp_up_proj_weight` → `mlp_up_proj_weight`;
+    in a part of several blocks, relative to the block's place in it: `block1_mlp_up_proj_weight`),
+    then parts are compared node by node (operator, constant arguments, which earlier node each
+    argument is, which tensor each get_attr reads); only identical ones share.  A part with a
+    tensor not named after its blocks (a tensor a pass added) keeps its own code."""
     groups: dict[tuple, list[str]] = {}
-    for index, block in enumerate(getattr(split, "effcc_blocks", []), start=1):
+    parts = getattr(split, "effcc_parts", [[block] for block in getattr(split, "effcc_blocks", [])])
+    for index, blocks in enumerate(parts, start=1):
         name = f"submod_{index}"
         sub = split.get_submodule(name)
-        if not isinstance(sub, fx.GraphModule) or not _name_tensors_relative_to(split, name, block.replace(".", "_") + "_"):
+        places = {block.replace(".", "_") + "_": "" if len(blocks) == 1 else f"block{j}_" for j, block in enumerate(blocks)}
+        if not isinstance(sub, fx.GraphModule) or not _name_tensors_relative_to(split, name, places):
             continue
         groups.setdefault(_structure(sub), []).append(name)
     shared = [names for names in groups.values() if len(names) > 1]
@@ -178,14 +189,18 @@ def share_block_code(split: fx.GraphModule) -> list[list[str]]:
     return shared
 
 
-def _name_tensors_relative_to(split: fx.GraphModule, name: str, prefix: str) -> bool:
+def _name_tensors_relative_to(split: fx.GraphModule, name: str, places: dict[str, str]) -> bool:
+    """Rename the tensors of part `name` by `places` (a block's prefix → its place's); False, and
+    nothing renamed, if one is not named after a block of the part."""
     sub: fx.GraphModule = split.get_submodule(name)
     reads = list(sub.graph.find_nodes(op="get_attr"))
-    if not all(node.target.startswith(prefix) and "." not in node.target for node in reads):
+    prefix_of = {node: next((p for p in places if node.target.startswith(p)), None) for node in reads}
+    if any(prefix is None or "." in node.target for node, prefix in prefix_of.items()):
         return False
     originals = getattr(split, "effcc_original_names", {})
     for node in reads:
-        old, new = node.target, node.target[len(prefix) :]
+        prefix = prefix_of[node]
+        old, new = node.target, places[prefix] + node.target[len(prefix) :]
         tensor = getattr(sub, old)
         delattr(sub, old)
         _register(sub, new, tensor)
@@ -208,21 +223,26 @@ def _structure(gm: fx.GraphModule) -> tuple:
     return tuple(rows)
 
 
-def compile_by_block(gm: fx.GraphModule, **compile_options) -> fx.GraphModule:
-    """`gm` cut into blocks, each part torch.compiled, alike blocks sharing one compiled code (a graph cut
-    already is compiled part by part as it is).  Same results, same Parameter objects (gradients reach
-    the model's).  A graph without numbered blocks is compiled whole, and the log says so."""
+def compile_by_block(gm: fx.GraphModule, blocks_per_part: int = 1, **compile_options) -> fx.GraphModule:
+    """`gm` cut into blocks (or runs of `blocks_per_part` blocks), each part torch.compiled, alike parts
+    sharing one compiled code (a graph cut already is compiled part by part as it is).  Same results,
+    same Parameter objects (gradients reach the model's).  A graph without numbered blocks is compiled
+    whole, and the log says so.
+
+    Each compiled part costs a fixed CPU time per call, forward and backward (Dynamo's guards,
+    AOTAutograd's wrappers); several blocks per part pay it once for all of them, for a longer compile."""
     if hasattr(gm, "effcc_blocks"):  # cut already, perhaps sharded by FSDP2, whose parameter names must stay
         split, shared = gm, []
     else:
         try:
-            split = split_into_blocks(gm)
+            split = split_into_blocks(gm, blocks_per_part)
         except EffccError as why:
             log.info("effcc: compiling the graph whole: %s", why)
             return torch.compile(gm, **compile_options)
         shared = share_block_code(split)
     alike = ", ".join(f"{len(names)} alike share one code" for names in shared) or "none alike, each compiled on its own"
-    log.info("effcc: compiling by block: %d blocks, %s", len(split.effcc_blocks), alike)
+    log.info("effcc: compiling by block: %d blocks in %d parts, %s", len(split.effcc_blocks),
+             len(getattr(split, "effcc_parts", split.effcc_blocks)), alike)
     for _, part in split.named_children():
         part.compile(**compile_options)
     return split

@@ -55,14 +55,19 @@ class SharedPrefixModel(nn.Module):
         self._run = self.graph_module
         object.__setattr__(self, "model", model)  # the caller's model, not a submodule: no second copy in state_dict
 
-    def compile(self, *, by_block: bool = True, **options) -> SharedPrefixModel:
+    def compile(self, *, by_block: bool = True, blocks_per_part: int = 1, **options) -> SharedPrefixModel:
         """torch.compile the packed graph (dynamic sizes: group shapes change every batch); options go to torch.compile.
 
         by_block: compile one decoder layer's code for all the layers that are alike (effcc.blocks.compile_by_block),
         as `layer.compile()` does for a Hugging Face model: a 24-layer model compiles in about the time of one
-        layer.  False compiles the whole graph as one (Inductor may then fuse across layer boundaries)."""
+        layer.  blocks_per_part: compile runs of that many layers as one part instead, which pays the fixed CPU
+        cost of a compiled call (forward and backward) once per run rather than once per layer.  by_block=False
+        compiles the whole graph as one (Inductor may then fuse across layer boundaries)."""
         options.setdefault("dynamic", True)
-        self._run = compile_by_block(self.graph_module, **options) if by_block else torch.compile(self.graph_module, **options)
+        if by_block:
+            self._run = compile_by_block(self.graph_module, blocks_per_part, **options)
+        else:
+            self._run = torch.compile(self.graph_module, **options)
         return self
 
     # ---- the public calls --------------------------------------------------------------------

@@ -294,6 +294,38 @@ def test_compiling_by_block_compiles_one_layer_for_all_alike():
         assert relative_error(got_grads[name], grad) <= 1e-5, name
 
 
+def test_compiling_runs_of_layers_shares_one_code_for_alike_runs():
+    """Four alike layers in runs of two: one compiled code serves both runs (their tensors renamed by
+    place in the run), same log-probs and gradients as eager; a run count that leaves a shorter last
+    run gives it its own code."""
+    from effcc.blocks import share_block_code, split_into_blocks
+    from effcc.prefix_grouping import pack
+
+    model = build("llama", torch.float32, layers=4)
+    eager = effcc.shared_prefix(model)
+    prefix, suffix, mask = ragged_group()
+    want = eager.token_logprobs(prefix, suffix, mask)
+    want_grads = grads_of(model, (want * weights(mask).float()).sum())
+    backend = CountingBackend()
+    compiled = effcc.shared_prefix(model).compile(backend=backend, blocks_per_part=2)
+    got = compiled.token_logprobs(prefix, suffix, mask)
+    got_grads = grads_of(model, (got * weights(mask).float()).sum())
+    assert backend.graphs == 3, f"{backend.graphs} graphs compiled: expected before + one run of two layers + after"
+    assert compiled._run.effcc_parts == [["model.layers.0", "model.layers.1"], ["model.layers.2", "model.layers.3"]]
+    assert relative_error(got, want) <= 1e-6
+    for name, grad in want_grads.items():
+        assert relative_error(got_grads[name], grad) <= 1e-5, name
+
+    split = split_into_blocks(effcc.shared_prefix(model).graph_module, blocks_per_part=3)
+    assert split.effcc_parts == [["model.layers.0", "model.layers.1", "model.layers.2"], ["model.layers.3"]]
+    assert share_block_code(split) == []  # a run of three and a run of one: nothing alike
+    assert {"block0_mlp_up_proj_weight", "block2_mlp_up_proj_weight"} <= {n for n, _ in split.submod_1.named_parameters()}
+    with torch.no_grad():
+        packed = pack([(prefix, suffix, mask.sum(1).tolist())], rows="suffix")
+        inputs = (packed.input_ids, packed.position_ids, *packed.layout.op_inputs(), packed.keep)
+        torch.testing.assert_close(split(*inputs), eager.graph_module(*inputs), rtol=0, atol=0)
+
+
 def test_blocks_that_differ_keep_their_own_code():
     """Layers 0 and 2 alike, layer 1 with another activation: only 0 and 2 share."""
     from effcc.blocks import share_block_code, split_into_blocks
