@@ -173,8 +173,7 @@ def share_block_code(split: fx.GraphModule) -> list[list[str]]:
     argument is, which tensor each get_attr reads); only identical ones share.  A part with a
     tensor not named after its blocks (a tensor a pass added) keeps its own code."""
     groups: dict[tuple, list[str]] = {}
-    parts = getattr(split, "effcc_parts", [[block] for block in getattr(split, "effcc_blocks", [])])
-    for index, blocks in enumerate(parts, start=1):
+    for index, blocks in enumerate(split.effcc_parts, start=1):
         name = f"submod_{index}"
         sub = split.get_submodule(name)
         places = {block.replace(".", "_") + "_": "" if len(blocks) == 1 else f"block{j}_" for j, block in enumerate(blocks)}
@@ -242,7 +241,7 @@ def compile_by_block(gm: fx.GraphModule, blocks_per_part: int = 1, **compile_opt
         shared = share_block_code(split)
     alike = ", ".join(f"{len(names)} alike share one code" for names in shared) or "none alike, each compiled on its own"
     log.info("effcc: compiling by block: %d blocks in %d parts, %s", len(split.effcc_blocks),
-             len(getattr(split, "effcc_parts", split.effcc_blocks)), alike)
+             len(split.effcc_parts), alike)
     for _, part in split.named_children():
         part.compile(**compile_options)
     return split

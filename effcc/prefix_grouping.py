@@ -40,6 +40,7 @@ class PackedBatch:
     suffix_tokens: Tensor  # [sum of lengths] the real suffix tokens, groups in order (targets of token_logprobs)
     suffix_counts: list[int]  # real suffix tokens per group
     suffix_places: list[Tensor]  # per group: where its real suffix tokens sit in its [G·S] grid (right padding)
+    suffix_grids: list[torch.Size]  # per group: [G, S]
     longest_sequence: int  # the longest ungrouped sequence P + S_g, for the mask check
 
 
@@ -76,7 +77,7 @@ class SharedPrefixModel(nn.Module):
         groups, several = _as_groups(prefix_ids, suffix_ids, suffix_mask)
         batch = pack(groups, rows="suffix")
         logits = self._logits(batch)
-        pieces = _unpack_rows(logits, [suffix.shape for _, suffix, _ in groups], batch)
+        pieces = _unpack_rows(logits, batch)
         return pieces if several else pieces[0]
 
     def token_logprobs(self, prefix_ids, suffix_ids, suffix_mask=None):
@@ -89,7 +90,7 @@ class SharedPrefixModel(nn.Module):
         logits = self._logits(batch)
         wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         logprobs = torch.log_softmax(wide, dim=-1).gather(-1, batch.suffix_tokens[:, None]).squeeze(-1)
-        pieces = _unpack_rows(logprobs, [suffix.shape for _, suffix, _ in groups], batch)
+        pieces = _unpack_rows(logprobs, batch)
         return pieces if several else pieces[0]
 
     def _logits(self, batch: PackedBatch) -> Tensor:
@@ -175,6 +176,7 @@ def pack(groups, rows: str) -> PackedBatch:
         suffix_tokens=torch.cat([t.to(device) for t in suffix_tokens]),
         suffix_counts=suffix_counts,
         suffix_places=places,
+        suffix_grids=[suffix.shape for _, suffix, _ in groups],
         longest_sequence=max(longest, 2),
     )
 
@@ -184,12 +186,12 @@ def _places_in_grid(lengths: list[int], width: int) -> Tensor:
     return (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).flatten().nonzero()[:, 0]
 
 
-def _unpack_rows(rows: Tensor, shapes: list[torch.Size], batch: PackedBatch) -> list[Tensor]:
+def _unpack_rows(rows: Tensor, batch: PackedBatch) -> list[Tensor]:
     """Kept rows [K, …] (groups in order, suffix tokens row-major) → one [G, S, …] per group, zeros at padding.
     Scattered by indices made on the CPU: a boolean-mask scatter would wait for the GPU to finish the
     forward before the CPU could queue the backward."""
     pieces, at = [], 0
-    for shape, count, places in zip(shapes, batch.suffix_counts, batch.suffix_places):
+    for shape, count, places in zip(batch.suffix_grids, batch.suffix_counts, batch.suffix_places):
         grid = rows.new_zeros(shape.numel(), *rows.shape[1:])
         pieces.append(grid.index_copy(0, places, rows[at : at + count]).view(*shape, *rows.shape[1:]))
         at += count

@@ -61,12 +61,11 @@ class PackedLayout:
         # one value per segment, repeated over its tokens (a Python list per token took ms at N ~ 10⁴)
         vectors = torch.tensor(per_segment, dtype=torch.int32).repeat_interleave(torch.tensor(lengths), dim=0).t().contiguous()
         plan = flash_plan(groups)
-        if _flash.asked_for():  # the split reads its launch sizes (plan[-1]) without waiting: they stay on the CPU
-            on_device = move_together([*vectors, *plan[:-1]], device)
-            return cls(*on_device[:4], (*on_device[4:], plan[-1]))
-        # else nothing reads them, and a graph with no CPU input can be replayed as a CUDA graph
         on_device = move_together([*vectors, *plan], device)
-        return cls(*on_device[:4], tuple(on_device[4:]))
+        # The split reads its launch sizes (plan[-1]) without waiting for the GPU: they stay on the CPU
+        # when it is asked for; else nothing reads them, and a graph with no CPU input can be a CUDA graph.
+        launch_sizes = plan[-1] if _flash.asked_for() else on_device[-1]
+        return cls(*on_device[:4], (*on_device[4:-1], launch_sizes))
 
     def op_inputs(self) -> tuple[Tensor, ...]:
         """What effcc::prefix_attention_fwd takes after q, k, v."""
