@@ -1,6 +1,6 @@
 """Shared-prefix (Prefix Grouper) training step on the GPU: grouped vs ungrouped, one process.
 
-    python benchmarks/bench_prefix_grouper.py [--quick] [--out benchmarks/results/prefix_grouper_h200.json] [--mode reduce-overhead]
+    python benchmarks/bench_prefix_grouper.py [--quick] [--out benchmarks/results/prefix_grouper_h200.json] [--cuda-graph]
 
 1. Attention alone (bf16, H=16, D=64), forward + backward: effcc's prefix-attention
    kernel on the packed layout [P, S_1 … S_G] (eager calls, and under torch.compile, where
@@ -13,6 +13,10 @@
    (--whole-graph: as one graph each).  Time (median of CUDA
    event timings) and peak memory for P ∈ {1024, 4096}, G ∈ {4, 8, 16}, S ∈ {256, 512};
    the speedup is compared with the ideal FLOP ratio (ungrouped FLOPs / grouped FLOPs).
+   --cuda-graph: each side's whole step (forward, loss, backward) also captured as one CUDA graph
+   after the compiled warm-up and replayed, both sides alike: at this model size a compiled step
+   takes longer for the CPU to issue (guards, wrappers, ~10³ launches) than for the GPU to run, and
+   the graph takes that cost out of both.  The grouped side packs its batch once (grouped.pack), outside the graph.
 """
 
 from __future__ import annotations
@@ -143,6 +147,26 @@ def grouped_step(grouped, prefix, suffixes, weights):
     (grouped.token_logprobs(prefix, suffixes) * weights).sum().backward()
 
 
+def captured(step) -> torch.cuda.CUDAGraph:
+    """`step` warmed up on a side stream, then captured as one CUDA graph (gradients land in the graph's
+    memory: every replay writes them anew, as a step after zero_grad(set_to_none=True) does)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def gradient_fingerprint(model) -> float:
+    """Sum of the gradients' norms: equal (to bf16 rounding) when two ways of running the step agree."""
+    return float(sum(p.grad.float().norm() for p in model.parameters() if p.grad is not None))
+
+
 class LayerRun(torch.nn.Module):
     """Consecutive Hugging Face decoder layers called as one, to be compiled as one part (the ungrouped
     side's counterpart of `compile(blocks_per_part=k)`)."""
@@ -177,7 +201,7 @@ def compiled_sides(model, eager: bool, whole_graph: bool, mode: str | None = Non
 
 
 def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=False, whole_graph=False, mode=None,
-               blocks_per_part=1) -> list[dict]:
+               blocks_per_part=1, cuda_graph=False) -> list[dict]:
     model = decoder()
     params = sum(p.numel() for p in model.parameters())
     print(f"  model: {params / 1e6:.0f}M parameters", flush=True)
@@ -195,24 +219,54 @@ def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=Fal
         if time.time() - started > budget_s:
             print(f"  skipped P={prefix_len} G={group} S={suffix_len}: time budget", flush=True)
             continue
-        for name, fn in (("grouped", lambda: grouped_step(grouped, prefix, suffixes, weights)),
-                         ("ungrouped", lambda: ungrouped_step(compiled, prefix, suffixes, weights))):
+        steps = {"grouped": lambda: grouped_step(grouped, prefix, suffixes, weights),
+                 "ungrouped": lambda: ungrouped_step(compiled, prefix, suffixes, weights)}
+        for name, fn in steps.items():
             model.zero_grad(set_to_none=True)
             try:
                 row[f"{name}_ms"], row[f"{name}_cpu_issue_ms"] = timed(fn, with_cpu=True)
                 model.zero_grad(set_to_none=True)
                 row[f"{name}_peak_GiB"] = peak_memory(fn)
+                fingerprint = gradient_fingerprint(model)
             except torch.OutOfMemoryError:
                 row[f"{name}_ms"], row[f"{name}_peak_GiB"] = None, "OOM"
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
+            if cuda_graph and row[f"{name}_ms"]:
+                row.update(graphed_timing(name, grouped, model, fn, prefix, suffixes, weights, fingerprint))
         if row["grouped_ms"] and row["ungrouped_ms"]:
             row["speedup"] = row["ungrouped_ms"] / row["grouped_ms"]
             row["of_ideal"] = row["speedup"] / row["ideal_flop_ratio"]
+        if row.get("grouped_graph_ms") and row.get("ungrouped_graph_ms"):
+            row["speedup_graph"] = row["ungrouped_graph_ms"] / row["grouped_graph_ms"]
+            row["of_ideal_graph"] = row["speedup_graph"] / row["ideal_flop_ratio"]
         print("  " + json.dumps(row), flush=True)
         rows.append(row)
         on_row(row)
     return rows
+
+
+def graphed_timing(name, grouped, model, step, prefix, suffixes, weights, fingerprint) -> dict:
+    """The side's step as one CUDA graph: replay time, and whether its gradients match the plain step's."""
+    if name == "grouped":  # packed once, outside the graph: packing copies from the CPU, which a graph would freeze
+        batch = grouped.pack(prefix, suffixes)
+
+        def step():
+            torch.compiler.cudagraph_mark_step_begin()
+            (grouped.token_logprobs(batch) * weights).sum().backward()
+    model.zero_grad(set_to_none=True)
+    out = {}
+    try:
+        graph = captured(step)
+        out[f"{name}_graph_ms"] = timed(graph.replay)
+        out[f"{name}_graph_grad_rel_diff"] = abs(gradient_fingerprint(model) / fingerprint - 1)
+        del graph
+    except Exception as error:  # noqa: BLE001 -- a capture that fails is a finding: keep the row and say why
+        out[f"{name}_graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return out
 
 
 def check_equal_losses(shapes) -> dict:
@@ -239,7 +293,8 @@ def main():
     parser.add_argument("--eager", action="store_true", help="model rows without torch.compile (both sides)")
     parser.add_argument("--whole-graph", action="store_true", help="compile each side as one graph, not layer by layer")
     parser.add_argument("--blocks-per-part", type=int, default=1, help="compile runs of this many layers as one part (both sides)")
-    parser.add_argument("--mode", help="torch.compile mode for both sides (e.g. reduce-overhead: CUDA graphs)")
+    parser.add_argument("--mode", help="torch.compile mode for both sides (reduce-overhead fails by layer: pytorch#152887)")
+    parser.add_argument("--cuda-graph", action="store_true", help="also time each side's whole step captured as one CUDA graph")
     parser.add_argument("--shapes", help="model shapes as PxGxS,PxGxS (default: the 12 of the issue)")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no new model shape after this many seconds")
     args = parser.parse_args()
@@ -268,7 +323,7 @@ def main():
         save()
     result["model"] = []
     model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()), budget_s=args.budget_s, eager=args.eager,
-               whole_graph=args.whole_graph, mode=args.mode, blocks_per_part=args.blocks_per_part)
+               whole_graph=args.whole_graph, mode=args.mode, blocks_per_part=args.blocks_per_part, cuda_graph=args.cuda_graph)
     print(f"wrote {out}")
 
 

@@ -36,12 +36,14 @@ class PackedBatch:
     input_ids: Tensor  # [1, N]
     position_ids: Tensor  # [1, N]
     layout: PackedLayout
-    keep: Tensor  # [K] token indices whose logits are computed
+    suffix_rows: Tensor  # packed indices of the suffix tokens (the rows `forward` returns)
+    predicting_rows: Tensor  # packed indices of the tokens that predict a suffix token (the rows `token_logprobs` reads)
     suffix_tokens: Tensor  # [sum of lengths] the real suffix tokens, groups in order (targets of token_logprobs)
     suffix_counts: list[int]  # real suffix tokens per group
     suffix_places: list[Tensor]  # per group: where its real suffix tokens sit in its [G·S] grid (right padding)
     suffix_grids: list[torch.Size]  # per group: [G, S]
     longest_sequence: int  # the longest ungrouped sequence P + S_g, for the mask check
+    several: bool = False  # given as lists of groups: results come back as lists
 
 
 class SharedPrefixModel(nn.Module):
@@ -72,31 +74,44 @@ class SharedPrefixModel(nn.Module):
         return self
 
     # ---- the public calls --------------------------------------------------------------------
-    def forward(self, prefix_ids, suffix_ids, suffix_mask=None):
-        """Logits [G, S, vocab] at the suffix tokens (zeros at padding); lists in, list out for several groups."""
+    def pack(self, prefix_ids, suffix_ids, suffix_mask=None) -> PackedBatch:
+        """The groups packed once, every tensor on the model's device, for `forward` and `token_logprobs`
+        to take instead of the ids: a GRPO step that reads the old policy's, the reference's and the
+        policy's log-probs packs once, and a step over a packed batch never waits for the GPU nor copies
+        from the CPU, so it can be captured as a CUDA graph (benchmarks/bench_prefix_grouper.py --cuda-graph)."""
         groups, several = _as_groups(prefix_ids, suffix_ids, suffix_mask)
-        batch = pack(groups, rows="suffix")
-        logits = self._logits(batch)
-        pieces = _unpack_rows(logits, batch)
-        return pieces if several else pieces[0]
+        return pack(groups, several)
 
-    def token_logprobs(self, prefix_ids, suffix_ids, suffix_mask=None):
+    def forward(self, prefix_ids, suffix_ids=None, suffix_mask=None):
+        """Logits [G, S, vocab] at the suffix tokens (zeros at padding); lists in, list out for several groups.
+        `prefix_ids` may be a batch from `pack` instead of the ids."""
+        batch = self._batch(prefix_ids, suffix_ids, suffix_mask)
+        pieces = _unpack_rows(self._logits(batch, batch.suffix_rows), batch)
+        return pieces if batch.several else pieces[0]
+
+    def token_logprobs(self, prefix_ids, suffix_ids=None, suffix_mask=None):
         """log p(suffix token t | prefix, suffix tokens < t), [G, S] (zeros at padding): what GRPO's loss reads.
 
         The first suffix token is predicted by the prefix's last position, so only the
         rows that predict a suffix token go through the LM head."""
-        groups, several = _as_groups(prefix_ids, suffix_ids, suffix_mask)
-        batch = pack(groups, rows="predicting")
-        logits = self._logits(batch)
+        batch = self._batch(prefix_ids, suffix_ids, suffix_mask)
+        logits = self._logits(batch, batch.predicting_rows)
         wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         logprobs = torch.log_softmax(wide, dim=-1).gather(-1, batch.suffix_tokens[:, None]).squeeze(-1)
         pieces = _unpack_rows(logprobs, batch)
-        return pieces if several else pieces[0]
+        return pieces if batch.several else pieces[0]
 
-    def _logits(self, batch: PackedBatch) -> Tensor:
+    def _batch(self, prefix_ids, suffix_ids, suffix_mask) -> PackedBatch:
+        if not isinstance(prefix_ids, PackedBatch):
+            return self.pack(prefix_ids, suffix_ids, suffix_mask)
+        if suffix_ids is not None or suffix_mask is not None:
+            raise ValueError("given a packed batch, give nothing else: its suffixes and mask were packed with it")
+        return prefix_ids
+
+    def _logits(self, batch: PackedBatch, rows: Tensor) -> Tensor:
         if self._mask_check is not None:
             self._mask_check.ensure(batch.longest_sequence, batch.input_ids.device)
-        out = self._run(batch.input_ids, batch.position_ids, *batch.layout.op_inputs(), batch.keep)
+        out = self._run(batch.input_ids, batch.position_ids, *batch.layout.op_inputs(), rows)
         return out[0]
 
 
@@ -141,10 +156,9 @@ def _shape(value) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
 
 
-def pack(groups, rows: str) -> PackedBatch:
-    """Pack groups into one sequence; `rows` says which tokens' logits to keep:
-    "suffix" (every suffix token) or "predicting" (the tokens that predict a suffix token)."""
-    ids, positions, keep, layout_groups, suffix_tokens, suffix_counts, places = [], [], [], [], [], [], []
+def pack(groups, several: bool = False) -> PackedBatch:
+    """Pack groups (from `_as_groups`) into one sequence [P, S_1 … S_G, P', …]."""
+    ids, positions, suffix_rows, predicting_rows, layout_groups, suffix_tokens, suffix_counts, places = [], [], [], [], [], [], [], []
     at, longest = 0, 0
     for prefix, suffix, lengths in groups:
         layout_groups.append((prefix.numel(), lengths))
@@ -158,27 +172,32 @@ def pack(groups, rows: str) -> PackedBatch:
             ids.append(row[:length])
             suffix_tokens.append(row[:length])
             positions.append(torch.arange(prefix.numel(), prefix.numel() + length))
-            if rows == "suffix":
-                keep.append(torch.arange(at, at + length))
-            elif length:  # the prefix's last token predicts the first suffix token
-                keep.append(torch.tensor([last_prefix_token]))
-                keep.append(torch.arange(at, at + length - 1))
+            suffix_rows.append(torch.arange(at, at + length))
+            if length:  # the prefix's last token predicts the first suffix token
+                predicting_rows.append(torch.tensor([last_prefix_token]))
+                predicting_rows.append(torch.arange(at, at + length - 1))
             at += length
             longest = max(longest, prefix.numel() + length)
     device = groups[0][0].device
-    keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
-    positions, keep, *places = move_together([torch.cat(positions)[None], keep, *places], device)
+    positions, suffix_rows, predicting_rows, *places = move_together(
+        [torch.cat(positions)[None], _cat_indices(suffix_rows), _cat_indices(predicting_rows), *places], device)
     return PackedBatch(
         input_ids=torch.cat([t.to(device) for t in ids])[None],
         position_ids=positions,
         layout=PackedLayout.build(layout_groups, device=device),
-        keep=keep,
+        suffix_rows=suffix_rows,
+        predicting_rows=predicting_rows,
         suffix_tokens=torch.cat([t.to(device) for t in suffix_tokens]),
         suffix_counts=suffix_counts,
         suffix_places=places,
         suffix_grids=[suffix.shape for _, suffix, _ in groups],
         longest_sequence=max(longest, 2),
+        several=several,
     )
+
+
+def _cat_indices(pieces: list[Tensor]) -> Tensor:
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
 def _places_in_grid(lengths: list[int], width: int) -> Tensor:
@@ -283,4 +302,4 @@ def _share_callers_tensors(gm: nn.Module, model: nn.Module) -> None:
             owner._buffers[leaf] = value
 
 
-__all__ = ["SharedPrefixError", "SharedPrefixModel", "shared_prefix"]
+__all__ = ["PackedBatch", "SharedPrefixError", "SharedPrefixModel", "shared_prefix"]

@@ -119,6 +119,25 @@ def test_several_groups_with_different_prefix_lengths(monkeypatch):
         assert relative_error(lp, ungrouped_logprobs(model, prefix, suffix, mask)) <= 1e-10
 
 
+def test_a_batch_packed_once_serves_every_call(monkeypatch):
+    """grouped.pack(...) then forward(batch) / token_logprobs(batch): the same results as from the ids."""
+    rms_norm_in_float64(monkeypatch)
+    model = build("llama", torch.float64)
+    grouped = effcc.shared_prefix(model)
+    groups = [ragged_group(7, (5, 3), seed=1), ragged_group(3, (2, 6, 6), seed=2)]
+    prefixes, suffixes, masks = (list(x) for x in zip(*groups))
+    batch = grouped.pack(prefixes, suffixes, masks)
+    for got, want in zip(grouped.token_logprobs(batch), grouped.token_logprobs(prefixes, suffixes, masks)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for (prefix, suffix, mask), logits in zip(groups, grouped(batch)):
+        assert relative_error(logits * mask[..., None], ungrouped_logits(model, prefix, suffix, mask)) <= 1e-10
+    prefix, suffix, mask = groups[0]
+    single = grouped.pack(prefix, suffix, mask)
+    assert relative_error(grouped.token_logprobs(single), ungrouped_logprobs(model, prefix, suffix, mask)) <= 1e-10
+    with pytest.raises(ValueError, match="packed batch, give nothing else"):
+        grouped.token_logprobs(single, suffix)
+
+
 def test_weights_are_shared_and_the_callers_model_is_unchanged():
     model = build("gpt2", torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -321,8 +340,8 @@ def test_compiling_runs_of_layers_shares_one_code_for_alike_runs():
     assert share_block_code(split) == []  # a run of three and a run of one: nothing alike
     assert {"block0_mlp_up_proj_weight", "block2_mlp_up_proj_weight"} <= {n for n, _ in split.submod_1.named_parameters()}
     with torch.no_grad():
-        packed = pack([(prefix, suffix, mask.sum(1).tolist())], rows="suffix")
-        inputs = (packed.input_ids, packed.position_ids, *packed.layout.op_inputs(), packed.keep)
+        packed = pack([(prefix, suffix, mask.sum(1).tolist())])
+        inputs = (packed.input_ids, packed.position_ids, *packed.layout.op_inputs(), packed.suffix_rows)
         torch.testing.assert_close(split(*inputs), eager.graph_module(*inputs), rtol=0, atol=0)
 
 
@@ -406,3 +425,33 @@ def test_compiled_grouped_model_on_the_gpu_matches_eager_and_new_shapes_reuse_th
         for name, grad in want_grads.items():
             assert relative_error(got_grads[name], grad) <= 1e-4, name
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3, dict(torch._dynamo.utils.counters["stats"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+def test_a_step_over_a_packed_batch_replays_as_a_cuda_graph():
+    """What grouped.pack promises: forward, loss and backward over a packed batch capture as one CUDA graph
+    (no CPU copies, no waits), and each replay gives the eager step's log-probs and gradients."""
+    model = build("llama", torch.float32).cuda()
+    grouped = effcc.shared_prefix(model)
+    prefix, suffix, mask = (t.cuda() for t in ragged_group(40, (16, 9, 1, 24)))
+    loss_weights = weights(mask).float().cuda()
+    want = grouped.token_logprobs(prefix, suffix, mask)
+    want_grads = grads_of(model, (want * loss_weights).sum())
+    batch = grouped.pack(prefix, suffix, mask)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (kernels compiled, autotuned) away from the capture
+        (grouped.token_logprobs(batch) * loss_weights).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = grouped.token_logprobs(batch)
+        (got * loss_weights).sum().backward()
+    for _ in range(2):  # replays recompute the gradients, they do not add to them
+        graph.replay()
+    torch.cuda.synchronize()
+    assert relative_error(got, want) <= 1e-5
+    parameters = dict(model.named_parameters())
+    for name, grad in want_grads.items():
+        assert relative_error(parameters[name].grad, grad) <= 1e-4, name
