@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -147,19 +148,38 @@ def grouped_step(grouped, prefix, suffixes, weights):
     (grouped.token_logprobs(prefix, suffixes) * weights).sum().backward()
 
 
-def captured(step) -> torch.cuda.CUDAGraph:
-    """`step` warmed up on a side stream, then captured as one CUDA graph (gradients land in the graph's
-    memory: every replay writes them anew, as a step after zero_grad(set_to_none=True) does)."""
+def captured(step, model) -> torch.cuda.CUDAGraph:
+    """`step` warmed up on a side stream, then captured as one CUDA graph.  The gradients are let go
+    before the capture, so they land in the graph's memory and every replay writes them anew (as a step
+    after zero_grad(set_to_none=True) does) instead of adding to them."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
             step()
     torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
     return graph
+
+
+@contextlib.contextmanager
+def no_packed_sequence_check():
+    """Hugging Face's mask code looks for packed sequences in position_ids and reads the answer on the
+    CPU (a wait for the GPU, which a CUDA graph cannot hold); the ungrouped batch is never packed (its
+    answer is always None), so the check is left out while the step is captured."""
+    from transformers import masking_utils
+
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is not None:
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        if original is not None:
+            masking_utils.find_packed_sequence_indices = original
 
 
 def gradient_fingerprint(model) -> float:
@@ -209,9 +229,10 @@ def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=Fal
     compiled, grouped = compiled_sides(model, eager, whole_graph, mode, blocks_per_part)
     rows = []
     for prefix_len, group, suffix_len in shapes:
-        prefix = torch.randint(0, 32000, (prefix_len,), device=DEVICE)
-        suffixes = torch.randint(0, 32000, (group, suffix_len), device=DEVICE)
-        weights = torch.randn(group, suffix_len, device=DEVICE)
+        inputs = torch.Generator().manual_seed(prefix_len + group + suffix_len)  # on the CPU: a failed capture leaves the CUDA generator unusable
+        prefix = torch.randint(0, 32000, (prefix_len,), generator=inputs).to(DEVICE)
+        suffixes = torch.randint(0, 32000, (group, suffix_len), generator=inputs).to(DEVICE)
+        weights = torch.randn(group, suffix_len, generator=inputs).to(DEVICE)
         label = "eager" if eager else "torch.compile, whole graph" if whole_graph else \
             "torch.compile by layer" if blocks_per_part == 1 else f"torch.compile by {blocks_per_part} layers"
         row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6, "mode": label + (f", mode={mode}" if mode else "")}
@@ -254,10 +275,10 @@ def graphed_timing(name, grouped, model, step, prefix, suffixes, weights, finger
         def step():
             torch.compiler.cudagraph_mark_step_begin()
             (grouped.token_logprobs(batch) * weights).sum().backward()
-    model.zero_grad(set_to_none=True)
     out = {}
     try:
-        graph = captured(step)
+        with no_packed_sequence_check():
+            graph = captured(step, model)
         out[f"{name}_graph_ms"] = timed(graph.replay)
         out[f"{name}_graph_grad_rel_diff"] = abs(gradient_fingerprint(model) / fingerprint - 1)
         del graph

@@ -433,8 +433,9 @@ def test_a_step_over_a_packed_batch_replays_as_a_cuda_graph():
     (no CPU copies, no waits), and each replay gives the eager step's log-probs and gradients."""
     model = build("llama", torch.float32).cuda()
     grouped = effcc.shared_prefix(model)
-    prefix, suffix, mask = (t.cuda() for t in ragged_group(40, (16, 9, 1, 24)))
+    prefix, suffix, mask = ragged_group(40, (16, 9, 1, 24))
     loss_weights = weights(mask).float().cuda()
+    prefix, suffix, mask = prefix.cuda(), suffix.cuda(), mask.cuda()
     want = grouped.token_logprobs(prefix, suffix, mask)
     want_grads = grads_of(model, (want * loss_weights).sum())
     batch = grouped.pack(prefix, suffix, mask)
