@@ -32,6 +32,7 @@ import torch
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
+FAILED_CAPTURES: set[str] = set()  # sides whose CUDA-graph capture failed once
 
 
 def timed(fn, warmup=2, reps=5, with_cpu=False):
@@ -217,6 +218,9 @@ def compiled_sides(model, eager: bool, whole_graph: bool, mode: str | None = Non
         model.model.layers = torch.nn.ModuleList(LayerRun(layers[i : i + blocks_per_part]) for i in range(0, len(layers), blocks_per_part))
     for part in model.model.layers:
         part.compile(dynamic=True, mode=mode)
+    # the embedding too, as the grouped side compiles the part before the layers: eager CUDA embedding
+    # backward reads a count on the CPU (a wait for the GPU, and no CUDA graph can hold it)
+    model.model.embed_tokens.compile(dynamic=True, mode=mode)
     return model, grouped
 
 
@@ -253,7 +257,7 @@ def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=Fal
                 row[f"{name}_ms"], row[f"{name}_peak_GiB"] = None, "OOM"
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            if cuda_graph and row[f"{name}_ms"]:
+            if cuda_graph and row[f"{name}_ms"] and name not in FAILED_CAPTURES:
                 row.update(graphed_timing(name, grouped, model, fn, prefix, suffixes, weights, fingerprint))
         if row["grouped_ms"] and row["ungrouped_ms"]:
             row["speedup"] = row["ungrouped_ms"] / row["grouped_ms"]
@@ -283,7 +287,10 @@ def graphed_timing(name, grouped, model, step, prefix, suffixes, weights, finger
         out[f"{name}_graph_grad_rel_diff"] = abs(gradient_fingerprint(model) / fingerprint - 1)
         del graph
     except Exception as error:  # noqa: BLE001 -- a capture that fails is a finding: keep the row and say why
-        out[f"{name}_graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        # a failed capture raises again on leaving the capture: the first error is the one to report
+        causes = [error, *([error.__context__] if error.__context__ else [])]
+        out[f"{name}_graph_error"] = " <- ".join(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" for e in causes)
+        FAILED_CAPTURES.add(name)  # its memory pool is not given back: trying again would run out of memory
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()

@@ -429,14 +429,15 @@ def test_compiled_grouped_model_on_the_gpu_matches_eager_and_new_shapes_reuse_th
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
 def test_a_step_over_a_packed_batch_replays_as_a_cuda_graph():
-    """What grouped.pack promises: forward, loss and backward over a packed batch capture as one CUDA graph
-    (no CPU copies, no waits), and each replay gives the eager step's log-probs and gradients."""
+    """What grouped.pack promises: forward, loss and backward of the compiled grouped model over a packed
+    batch capture as one CUDA graph (no CPU copies, no waits), and replays give the eager step's log-probs
+    and gradients.  (Compiled: eager CUDA embedding backward itself reads a count on the CPU.)"""
     model = build("llama", torch.float32).cuda()
-    grouped = effcc.shared_prefix(model)
+    grouped, eager = effcc.shared_prefix(model).compile(), effcc.shared_prefix(model)
     prefix, suffix, mask = ragged_group(40, (16, 9, 1, 24))
     loss_weights = weights(mask).float().cuda()
     prefix, suffix, mask = prefix.cuda(), suffix.cuda(), mask.cuda()
-    want = grouped.token_logprobs(prefix, suffix, mask)
+    want = eager.token_logprobs(prefix, suffix, mask)
     want_grads = grads_of(model, (want * loss_weights).sum())
     batch = grouped.pack(prefix, suffix, mask)
     side = torch.cuda.Stream()
