@@ -167,20 +167,26 @@ def captured(step, model) -> torch.cuda.CUDAGraph:
 
 
 @contextlib.contextmanager
-def no_packed_sequence_check():
-    """Hugging Face's mask code looks for packed sequences in position_ids and reads the answer on the
-    CPU (a wait for the GPU, which a CUDA graph cannot hold); the ungrouped batch is never packed (its
-    answer is always None), so the check is left out while the step is captured."""
+def hf_masks_as_outside_a_capture():
+    """Hugging Face's mask code, seeing a CUDA-graph capture, assumes it may not read tensors and builds an
+    explicit causal mask: another attention kernel than the plain step's, and a recompile of the compiled
+    layers inside the capture, which fails.  Outside a capture the ungrouped batch (no padding, not packed)
+    gets no mask (SDPA is_causal) after a packed-sequence check that reads the GPU.  The step is captured
+    on that same path: capture detection off, and the check given its known answer (None: not packed)."""
     from transformers import masking_utils
+    from transformers.utils import import_utils
 
-    original = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if original is not None:
-        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    patches = [(import_utils, "is_cuda_stream_capturing", lambda: False),
+               (masking_utils, "find_packed_sequence_indices", lambda position_ids: None)]
+    originals = [(module, name, getattr(module, name)) for module, name, _ in patches if hasattr(module, name)]
+    for module, name, replacement in patches:
+        if hasattr(module, name):
+            setattr(module, name, replacement)
     try:
         yield
     finally:
-        if original is not None:
-            masking_utils.find_packed_sequence_indices = original
+        for module, name, original in originals:
+            setattr(module, name, original)
 
 
 def gradient_fingerprint(model) -> float:
@@ -281,7 +287,7 @@ def graphed_timing(name, grouped, model, step, prefix, suffixes, weights, finger
             (grouped.token_logprobs(batch) * weights).sum().backward()
     out = {}
     try:
-        with no_packed_sequence_check():
+        with hf_masks_as_outside_a_capture():
             graph = captured(step, model)
         out[f"{name}_graph_ms"] = timed(graph.replay)
         out[f"{name}_graph_grad_rel_diff"] = abs(gradient_fingerprint(model) / fingerprint - 1)

@@ -439,6 +439,7 @@ def test_a_step_over_a_packed_batch_replays_as_a_cuda_graph():
     prefix, suffix, mask = prefix.cuda(), suffix.cuda(), mask.cuda()
     want = eager.token_logprobs(prefix, suffix, mask)
     want_grads = grads_of(model, (want * loss_weights).sum())
+    want = want.detach()  # its graph would keep the parameters' gradient accumulators of the default stream alive
     batch = grouped.pack(prefix, suffix, mask)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
