@@ -87,12 +87,14 @@ def run(steps: int = 3, group: int = 4, prompt_len: int = 12, max_new: int = 10,
         prompt = torch.randint(2, 64, (prompt_len,), generator=generator)
         completions, mask = sample_group(policy, prompt, group, max_new, generator)
         advantages = group_advantages(rewards_of(completions, mask))
+        batch = grouped.pack(prompt, completions, mask)  # packed once for both passes below
         with torch.no_grad():
-            old = grouped.token_logprobs(prompt, completions, mask)  # the sampling policy's log-probs
+            old = grouped.token_logprobs(batch)  # the sampling policy's log-probs
         losses, grads = [], []
-        for model, optimizer, logprobs_of in ((policy, optimizers[0], grouped.token_logprobs), (twin, optimizers[1], lambda *a: ungrouped_logprobs(twin, *a))):
+        for model, optimizer in zip((policy, twin), optimizers):
             optimizer.zero_grad()
-            loss = clipped_policy_loss(logprobs_of(prompt, completions, mask), old, advantages, mask)
+            logprobs = grouped.token_logprobs(batch) if model is policy else ungrouped_logprobs(twin, prompt, completions, mask)
+            loss = clipped_policy_loss(logprobs, old, advantages, mask)
             loss.backward()
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
             losses.append(loss.item())
