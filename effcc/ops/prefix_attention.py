@@ -36,7 +36,7 @@ from . import prefix_attention_flash as _flash
 @dataclass(frozen=True)
 class PackedLayout:
     """Where each token of a packed batch of groups sits; int32 vectors of length N (see module doc),
-    and the same layout as cumulative lengths for the FlashAttention split (`FlashPlan`)."""
+    and the same layout as cumulative lengths for the FlashAttention split (`flash_plan`)."""
 
     group_start: Tensor
     prefix_end: Tensor
@@ -89,34 +89,44 @@ def move_together(tensors: list[Tensor], device) -> list[Tensor]:
     return out
 
 
-FLASH_PLAN_FIELDS = ("segment_bounds", "prefix_rows", "suffix_rows", "prefix_bounds", "group_suffix_bounds", "longest")
-
-
 def flash_plan(groups: list[tuple[int, list[int]]]) -> tuple[Tensor, ...]:
-    """The packed layout for FlashAttention's variable-length kernels (CUDA, fp16/bf16).
-
-    Attention over the layout is two causal/full attentions merged by their log-sum-exp:
-    every segment (a prefix or a suffix) causally over itself, and every suffix token over
-    its group's prefix without a mask.  Fields (FLASH_PLAN_FIELDS):
-      segment_bounds       int32 cumulative segment lengths, all segments in packed order
-      prefix_rows          int64 packed indices of the prefix tokens, group after group
-      suffix_rows          int64 packed indices of the suffix tokens, group after group
-      prefix_bounds        int32 cumulative prefix lengths per group (into prefix_rows)
-      group_suffix_bounds  int32 cumulative suffix-token counts per group (into suffix_rows)
-      longest              int64: the longest segment, group's suffix tokens, prefix (on the CPU when
-                           the split is asked for: its kernel launch sizes, read without waiting for the GPU)"""
-    segments, prefix_counts, suffix_counts = [], [], []
+    """The packed layout as the FlashAttention split reads it (prefix_attention_flash: every prefix
+    causally over itself in one varlen call, every suffix over [its prefix; itself] in another).
+    Fields (prefix_attention_flash.FLASH_PLAN_FIELDS):
+      prefix_rows     int64 packed indices of the prefix tokens, group after group
+      prefix_bounds   int32 cumulative prefix lengths (into prefix_rows)
+      suffix_rows     int64 packed indices of the suffix tokens, suffix after suffix
+      suffix_bounds   int32 cumulative lengths of the non-empty suffixes (into suffix_rows)
+      context_rows    int64 per non-empty suffix: its group's prefix tokens, then its own tokens
+      context_bounds  int32 cumulative context lengths (into context_rows)
+      longest         int64 [longest prefix, suffix, context] (on the CPU when the split is asked
+                      for: its kernel launch sizes, read without waiting for the GPU)"""
+    prefix_rows, suffix_rows, context_rows = [], [], []
+    prefix_lengths, suffix_lengths, context_lengths = [], [], []
+    at = 0
     for prefix_len, suffix_lens in groups:
-        segments += [prefix_len, *(length for length in suffix_lens if length)]
-        prefix_counts.append(prefix_len)
-        suffix_counts.append(sum(suffix_lens))
-    is_prefix = torch.tensor([True, False] * len(groups)).repeat_interleave(torch.tensor([n for pair in zip(prefix_counts, suffix_counts) for n in pair]))
+        prefix = torch.arange(at, at + prefix_len)
+        prefix_rows.append(prefix)
+        prefix_lengths.append(prefix_len)
+        at += prefix_len
+        for length in suffix_lens:
+            if length:
+                suffix = torch.arange(at, at + length)
+                suffix_rows.append(suffix)
+                context_rows += [prefix, suffix]
+                suffix_lengths.append(length)
+                context_lengths.append(prefix_len + length)
+            at += length
+
+    def rows(pieces):
+        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
 
     def bounds(lengths):
         return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
 
-    longest = torch.tensor([max(segments), max(suffix_counts), max(prefix_counts)], dtype=torch.int64)
-    return bounds(segments), is_prefix.nonzero()[:, 0], (~is_prefix).nonzero()[:, 0], bounds(prefix_counts), bounds(suffix_counts), longest
+    longest = torch.tensor([max(prefix_lengths), max(suffix_lengths, default=0), max(context_lengths, default=0)], dtype=torch.int64)
+    return (rows(prefix_rows), bounds(prefix_lengths), rows(suffix_rows), bounds(suffix_lengths), rows(context_rows),
+            bounds(context_lengths), longest)
 
 
 def visible_keys(group_start: Tensor, prefix_end: Tensor, segment_start: Tensor) -> Tensor:
@@ -169,11 +179,21 @@ def _kernels():
 
 
 def _reference_with_lse(q, k, v, group_start, prefix_end, segment_start, scale):
+    return attention_with_lse(q, k, v, visible_keys(group_start, prefix_end, segment_start), scale)
+
+
+def _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, scale):
+    return attention_backward(grad_out, q, k, v, out, lse, visible_keys(group_start, prefix_end, segment_start), scale)
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """softmax(q kᵀ · scale, where mask) v and its log-sum-exp; q [H, Lq, D], k and v [Hkv, Lk, D], mask [Lq, Lk]
+    (every row sees a key)."""
     heads, kv_heads = q.shape[0], k.shape[0]
     k = k.repeat_interleave(heads // kv_heads, dim=0)
     v = v.repeat_interleave(heads // kv_heads, dim=0)
     scores = (q @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible_keys(group_start, prefix_end, segment_start), float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores.to(_lse_dtype(q)), dim=-1)
     out = torch.softmax(scores, dim=-1) @ v
     return out.contiguous(), lse.contiguous()
@@ -184,15 +204,15 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, scale):
-    """The attention gradients written out (an op's body runs below autograd, so no autograd here):
+def attention_backward(grad_out, q, k, v, out, lse, mask: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of `attention_with_lse` written out (an op's body runs below autograd, so no autograd here):
     P = exp(S − lse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K · scale, dK = dSᵀ Q · scale."""
     heads, kv_heads = q.shape[0], k.shape[0]
     repeat = heads // kv_heads
     k_wide, v_wide = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
     scores = (q @ k_wide.transpose(-1, -2)) * scale
     probs = torch.exp(scores - lse.to(scores.dtype)[..., None])
-    probs = probs.masked_fill(~visible_keys(group_start, prefix_end, segment_start), 0)
+    probs = probs.masked_fill(~mask, 0)
     dv = probs.transpose(-1, -2) @ grad_out
     delta = (grad_out * out).sum(-1, keepdim=True)
     dscores = probs * (grad_out @ v_wide.transpose(-1, -2) - delta)
@@ -226,7 +246,7 @@ def prefix_attention_fwd(
     The layout is PackedLayout.op_inputs(): visible_until is only read by the backward, `plan`
     (the flash plan, or empty) only by the FlashAttention split.
     CUDA: effcc's Triton kernels, or with EFFCC_PREFIX_ATTENTION=flash (fp16/bf16, a flash plan)
-    FlashAttention's variable-length kernels split and merged (an opaque op of its own)."""
+    two FlashAttention variable-length calls, prefixes and suffixes (an opaque op of its own)."""
     if _flash.usable(q, k, plan):
         return torch.ops.effcc.prefix_attention_flash_fwd(q, k, v, plan, scale)
     return _kernel_forward(q, k, v, group_start, prefix_end, segment_start, scale)

@@ -1,29 +1,32 @@
-"""Prefix attention on FlashAttention's variable-length kernels (CUDA, fp16/bf16): a split and a merge.
+"""Prefix attention on FlashAttention's variable-length kernels (CUDA, fp16/bf16): two calls, no merge.
 
-A suffix token's keys are its group's prefix and its own segment.  Softmax over a union of
-two key sets is the two partial softmaxes merged by their log-sum-exps, so the layout's
-attention is two FlashAttention calls on the packed tokens, neither of which copies the
-prefix per suffix:
+Every query's keys are one contiguous sequence once the prefix is gathered for each suffix, so the
+layout's attention is two FlashAttention calls whose queries split the packed tokens between them:
 
-  own      every segment (each prefix, each suffix) causally over itself, one varlen call
-           over the packed tokens as they lie (nothing gathered);
-  prefix   every suffix token over its group's prefix, no mask: one varlen call whose
-           "sequences" are the groups (all suffix tokens of group g against the keys of P_g).
+  prefix   every prefix token causally over its own prefix: one varlen call over the prefixes;
+  suffix   every suffix token over [its group's prefix; its own suffix], causal aligned bottom-right
+           (FlashAttention's own convention for fewer queries than keys: the last query sees every
+           key): one varlen call whose key sequences are gathered, the prefix once per suffix.
 
-The backward is the same two calls' backward kernels, each given the merged output and
-log-sum-exp: FlashAttention's backward recomputes P = exp(S − lse) and δ = rowsum(dO ∘ O)
-from them, which are then the probabilities and δ of the whole softmax, so the two parts'
-gradients add up to the exact gradient (as in ring attention).
+No softmax is split, so each call's output and log-sum-exp are final, and the backward is the two
+calls' backward kernels; the gradients of a prefix key or value from each of its group's suffixes
+are added up in float32.  The cost over the Triton kernel's layout: the gathered keys and values,
+G copies of the prefix per layer (G·P rows), read once forward and once backward.
+
+The two primitives (a varlen call and its backward) have a PyTorch reference on the CPU, so the
+gathering and scattering around them is tested without a GPU (tests/test_prefix_attention_kernel.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
 from torch import Tensor
 
 aten = torch.ops.aten
+FLASH_PLAN_FIELDS = ("prefix_rows", "prefix_bounds", "suffix_rows", "suffix_bounds", "context_rows", "context_bounds", "longest")
 _UNUSED_RNG = {}  # dropout is 0: the backward kernels never read the RNG state, but take one
 
 
@@ -35,7 +38,7 @@ def asked_for() -> bool:
 def usable(q: Tensor, k: Tensor, plan) -> bool:
     """Asked for, CUDA fp16/bf16, a plan whose launch sizes (its last tensor) are on the CPU."""
     return (
-        len(plan) == 6 and asked_for() and plan[-1].device.type == "cpu" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        len(plan) == len(FLASH_PLAN_FIELDS) and asked_for() and plan[-1].device.type == "cpu" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and q.shape[0] % k.shape[0] == 0
     )
 
@@ -52,55 +55,103 @@ def _rng(device) -> Tensor:
     return _UNUSED_RNG[device]
 
 
-def _flash(q, k, v, bounds_q, bounds_k, longest_q, longest_k, causal, scale):
+def varlen_attention(q, k, v, bounds_q, bounds_k, longest_q, longest_k, causal, scale) -> tuple[Tensor, Tensor]:
+    """Attention of each sequence [bounds_q[i], bounds_q[i+1]) of q over [bounds_k[i], bounds_k[i+1]) of k, v;
+    q [Nq, H, D], k and v [Nk, Hkv, D] → (out [Nq, H, D], lse [H, Nq]).  CUDA: FlashAttention's kernel."""
+    if not q.is_cuda:
+        return _varlen_reference(q, k, v, bounds_q, bounds_k, causal, scale)
     out, lse, *_ = aten._flash_attention_forward(q, k, v, bounds_q, bounds_k, longest_q, longest_k, 0.0, causal, False, scale=scale)
     if lse.shape != (q.shape[1], q.shape[0]):
         raise RuntimeError(f"FlashAttention returned a log-sum-exp of shape {tuple(lse.shape)}, expected [heads, tokens] {(q.shape[1], q.shape[0])}")
     return out, lse
 
 
-def _flash_grad(grad, q, k, v, out, lse, bounds_q, bounds_k, longest_q, longest_k, causal, scale):
+def varlen_attention_backward(grad, q, k, v, out, lse, bounds_q, bounds_k, longest_q, longest_k, causal, scale):
+    """(dq, dk, dv) of `varlen_attention`, from its output and log-sum-exp."""
+    if not q.is_cuda:
+        return _varlen_reference_backward(grad, q, k, v, out, lse, bounds_q, bounds_k, causal, scale)
     rng = _rng(q.device)
-    return aten._flash_attention_backward(grad, q, k, v, out, lse, bounds_q, bounds_k, longest_q, longest_k, 0.0, causal, rng, rng, scale=scale)
+    dq, dk, dv, *_ = aten._flash_attention_backward(grad, q, k, v, out, lse, bounds_q, bounds_k, longest_q, longest_k, 0.0, causal, rng, rng,
+                                                    scale=scale)
+    return dq, dk, dv
+
+
+def _sequences(bounds_q: Tensor, bounds_k: Tensor):
+    starts_q, starts_k = bounds_q.tolist(), bounds_k.tolist()
+    return zip(itertools.pairwise(starts_q), itertools.pairwise(starts_k))
+
+
+def _bottom_right_causal(length_q: int, length_k: int) -> Tensor:
+    """Bool [Lq, Lk]: query i sees key j iff j ≤ i + (Lk − Lq), FlashAttention's causal mask."""
+    return torch.ones(length_q, length_k, dtype=torch.bool).tril(length_k - length_q)
+
+
+def _varlen_reference(q, k, v, bounds_q, bounds_k, causal, scale):
+    from .prefix_attention import attention_with_lse
+
+    out, lse = q.new_zeros(q.shape), q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    for (q0, q1), (k0, k1) in _sequences(bounds_q, bounds_k):
+        mask = _bottom_right_causal(q1 - q0, k1 - k0) if causal else torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        o, l = attention_with_lse(*(t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1])), mask.to(q.device), scale)
+        out[q0:q1], lse[:, q0:q1] = o.transpose(0, 1), l
+    return out, lse
+
+
+def _varlen_reference_backward(grad, q, k, v, out, lse, bounds_q, bounds_k, causal, scale):
+    from .prefix_attention import attention_backward
+
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    for (q0, q1), (k0, k1) in _sequences(bounds_q, bounds_k):
+        mask = _bottom_right_causal(q1 - q0, k1 - k0) if causal else torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        heads_first = (t.transpose(0, 1) for t in (grad[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1]))
+        grads = attention_backward(*heads_first, lse[:, q0:q1], mask.to(q.device), scale)
+        for target, g, (lo, hi) in zip((dq, dk, dv), grads, ((q0, q1), (k0, k1), (k0, k1))):
+            target[lo:hi] = g.transpose(0, 1)
+    return dq, dk, dv
+
+
+def _gathered(qt, kt, vt, plan):
+    """Each call's queries, keys and values: the prefix tokens (q, k, v), the suffix tokens (q) and
+    the gathered contexts [prefix; own suffix] (k, v)."""
+    prefix_rows, _, suffix_rows, _, context_rows, _, _ = plan
+    prefix = tuple(t.index_select(0, prefix_rows) for t in (qt, kt, vt))
+    return prefix, qt.index_select(0, suffix_rows), kt.index_select(0, context_rows), vt.index_select(0, context_rows)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, plan, scale: float) -> tuple[Tensor, Tensor]:
-    segment_bounds, prefix_rows, suffix_rows, prefix_bounds, group_suffix_bounds, longest = plan
-    longest_segment, longest_group_suffix, longest_prefix = longest.tolist()
+    prefix_rows, prefix_bounds, suffix_rows, suffix_bounds, _, context_bounds, longest = plan
+    longest_prefix, longest_suffix, longest_context = longest.tolist()
     qt, kt, vt = (_tokens_first(t) for t in (q, k, v))
-    out, lse = _flash(qt, kt, vt, segment_bounds, segment_bounds, longest_segment, longest_segment, True, scale)
+    (q_p, k_p, v_p), q_s, k_c, v_c = _gathered(qt, kt, vt, plan)
+    out_p, lse_p = varlen_attention(q_p, k_p, v_p, prefix_bounds, prefix_bounds, longest_prefix, longest_prefix, True, scale)
+    out = qt.new_empty(qt.shape).index_copy(0, prefix_rows, out_p)
+    lse = lse_p.new_empty(qt.shape[1], qt.shape[0]).index_copy(1, prefix_rows, lse_p)
     if suffix_rows.numel():
-        q_suffix = qt.index_select(0, suffix_rows)
-        k_prefix, v_prefix = kt.index_select(0, prefix_rows), vt.index_select(0, prefix_rows)
-        out_p, lse_p = _flash(q_suffix, k_prefix, v_prefix, group_suffix_bounds, prefix_bounds, longest_group_suffix, longest_prefix, False, scale)
-        lse_own = lse.index_select(1, suffix_rows)
-        merged_lse = torch.logaddexp(lse_own, lse_p)
-        weight_own = torch.exp(lse_own - merged_lse).t().unsqueeze(-1)  # [Ns, H, 1]
-        weight_p = torch.exp(lse_p - merged_lse).t().unsqueeze(-1)
-        merged = out.index_select(0, suffix_rows).float() * weight_own + out_p.float() * weight_p
-        out = out.index_copy(0, suffix_rows, merged.to(out.dtype))
-        lse = lse.index_copy(1, suffix_rows, merged_lse)
+        out_s, lse_s = varlen_attention(q_s, k_c, v_c, suffix_bounds, context_bounds, longest_suffix, longest_context, True, scale)
+        out, lse = out.index_copy(0, suffix_rows, out_s), lse.index_copy(1, suffix_rows, lse_s)
     return out.transpose(0, 1).contiguous(), lse.contiguous()
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan, scale: float):
-    segment_bounds, prefix_rows, suffix_rows, prefix_bounds, group_suffix_bounds, longest = plan
-    longest_segment, longest_group_suffix, longest_prefix = longest.tolist()
+    prefix_rows, prefix_bounds, suffix_rows, suffix_bounds, context_rows, context_bounds, longest = plan
+    longest_prefix, longest_suffix, longest_context = longest.tolist()
     qt, kt, vt, ot, gt = (_tokens_first(t) for t in (q, k, v, out, grad_out))
     # the gathers of the forward are made again rather than saved: they are cheap next to the
-    # attention and would otherwise hold a copy of Q (suffix rows), K and V (prefix rows) per layer
-    dq, dk, dv = _flash_grad(gt, qt, kt, vt, ot, lse, segment_bounds, segment_bounds, longest_segment, longest_segment, True, scale)
+    # attention and would otherwise hold G copies of each prefix's keys and values per layer
+    (q_p, k_p, v_p), q_s, k_c, v_c = _gathered(qt, kt, vt, plan)
+    rows_of = lambda t, rows: t.index_select(0, rows)
+    dq_p, dk_p, dv_p = varlen_attention_backward(rows_of(gt, prefix_rows), q_p, k_p, v_p, rows_of(ot, prefix_rows), lse.index_select(1, prefix_rows),
+                                                 prefix_bounds, prefix_bounds, longest_prefix, longest_prefix, True, scale)
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32  # a prefix key gathers G suffixes' gradients
+    dq = qt.new_empty(qt.shape).index_copy(0, prefix_rows, dq_p)
+    dk = kt.new_zeros(kt.shape, dtype=wide).index_copy(0, prefix_rows, dk_p.to(wide))
+    dv = vt.new_zeros(vt.shape, dtype=wide).index_copy(0, prefix_rows, dv_p.to(wide))
     if suffix_rows.numel():
-        q_suffix = qt.index_select(0, suffix_rows)
-        k_prefix, v_prefix = kt.index_select(0, prefix_rows), vt.index_select(0, prefix_rows)
-        dq_s, dk_p, dv_p = _flash_grad(
-            gt.index_select(0, suffix_rows), q_suffix, k_prefix, v_prefix, ot.index_select(0, suffix_rows),
-            lse.index_select(1, suffix_rows).contiguous(), group_suffix_bounds, prefix_bounds, longest_group_suffix, longest_prefix, False, scale,
-        )
-        dq = dq.index_add(0, suffix_rows, dq_s)
-        dk = dk.index_add(0, prefix_rows, dk_p)
-        dv = dv.index_add(0, prefix_rows, dv_p)
-    return tuple(t.transpose(0, 1).contiguous() for t in (dq, dk, dv))
+        dq_s, dk_c, dv_c = varlen_attention_backward(rows_of(gt, suffix_rows), q_s, k_c, v_c, rows_of(ot, suffix_rows), lse.index_select(1, suffix_rows),
+                                                     suffix_bounds, context_bounds, longest_suffix, longest_context, True, scale)
+        dq = dq.index_copy(0, suffix_rows, dq_s)
+        dk, dv = dk.index_add(0, context_rows, dk_c.to(wide)), dv.index_add(0, context_rows, dv_c.to(wide))
+    return tuple(t.to(q.dtype).transpose(0, 1).contiguous() for t in (dq, dk, dv))
 
 
 # Opaque ops: the split reads its launch sizes from a CPU tensor, which a traced graph cannot.

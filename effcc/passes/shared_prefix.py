@@ -23,7 +23,8 @@ import torch
 from torch import fx
 
 from ..errors import EffccError
-from ..ops.prefix_attention import FLASH_PLAN_FIELDS, prefix_attention
+from ..ops.prefix_attention import prefix_attention
+from ..ops.prefix_attention_flash import FLASH_PLAN_FIELDS
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SHAPE_ONLY = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
