@@ -245,7 +245,8 @@ def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=Fal
         weights = torch.randn(group, suffix_len, generator=inputs).to(DEVICE)
         label = "eager" if eager else "torch.compile, whole graph" if whole_graph else \
             "torch.compile by layer" if blocks_per_part == 1 else f"torch.compile by {blocks_per_part} layers"
-        row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6, "mode": label + (f", mode={mode}" if mode else "")}
+        row = {"P": prefix_len, "G": group, "S": suffix_len, "params_M": params / 1e6, "mode": label + (f", mode={mode}" if mode else ""),
+               "attention": os.environ.get("EFFCC_PREFIX_ATTENTION", "triton")}
         row["ideal_flop_ratio"] = step_flops(model, prefix_len, group, suffix_len, False) / step_flops(model, prefix_len, group, suffix_len, True)
         if time.time() - started > budget_s:
             print(f"  skipped P={prefix_len} G={group} S={suffix_len}: time budget", flush=True)
@@ -328,6 +329,8 @@ def main():
     parser.add_argument("--whole-graph", action="store_true", help="compile each side as one graph, not layer by layer")
     parser.add_argument("--blocks-per-part", type=int, default=1, help="compile runs of this many layers as one part (both sides)")
     parser.add_argument("--mode", help="torch.compile mode for both sides (reduce-overhead fails by layer: pytorch#152887)")
+    parser.add_argument("--attention", choices=["triton", "flash"], default="triton",
+                        help="the grouped model's attention: effcc's Triton kernel or the FlashAttention split (EFFCC_PREFIX_ATTENTION)")
     parser.add_argument("--cuda-graph", action="store_true", help="also time each side's whole step captured as one CUDA graph")
     parser.add_argument("--shapes", help="model shapes as PxGxS,PxGxS (default: the 12 of the issue)")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no new model shape after this many seconds")
@@ -356,6 +359,7 @@ def main():
         result["attention"] = attention_rows([(1024, 8, 256), (4096, 8, 512), (4096, 16, 256)])
         save()
     result["model"] = []
+    os.environ["EFFCC_PREFIX_ATTENTION"] = args.attention  # read as the grouped layouts are built and traced
     model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()), budget_s=args.budget_s, eager=args.eager,
                whole_graph=args.whole_graph, mode=args.mode, blocks_per_part=args.blocks_per_part, cuda_graph=args.cuda_graph)
     print(f"wrote {out}")
