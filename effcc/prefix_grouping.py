@@ -77,8 +77,9 @@ class SharedPrefixModel(nn.Module):
     def pack(self, prefix_ids, suffix_ids, suffix_mask=None) -> PackedBatch:
         """The groups packed once, every tensor on the model's device, for `forward` and `token_logprobs`
         to take instead of the ids: a GRPO step that reads the old policy's, the reference's and the
-        policy's log-probs packs once, and a step over a packed batch never waits for the GPU nor copies
-        from the CPU, so it can be captured as a CUDA graph (benchmarks/bench_prefix_grouper.py --cuda-graph)."""
+        policy's log-probs packs once; and a step over a packed batch neither waits for the GPU nor copies
+        from the CPU (once a first call has checked the model's masks up to its longest sequence), so
+        after a warm-up it can be captured as a CUDA graph (benchmarks/bench_prefix_grouper.py --cuda-graph)."""
         groups, several = _as_groups(prefix_ids, suffix_ids, suffix_mask)
         return pack(groups, several)
 
