@@ -398,12 +398,19 @@ def test_flash_split_matches_the_reference_forward_and_backward(heads, kv_heads,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_grouped_model_on_the_gpu_in_bf16():
+@pytest.mark.parametrize("attention", ["triton", "flash"])
+def test_grouped_model_on_the_gpu_in_bf16(attention, monkeypatch):
+    from effcc.ops import prefix_attention_flash as split
+
+    monkeypatch.setenv("EFFCC_PREFIX_ATTENTION", attention)
+    split_calls, split_forward = [], split.forward
+    monkeypatch.setattr(split, "forward", lambda *args: split_calls.append(1) or split_forward(*args))
     model = build("llama", torch.bfloat16).cuda()
     grouped = effcc.shared_prefix(model)
     prefix, suffix, mask = (t.cuda() for t in ragged_group(40, (16, 9, 1, 24)))
     logprobs = grouped.token_logprobs(prefix, suffix, mask)
     assert relative_error(logprobs, ungrouped_logprobs(model, prefix, suffix, mask)) <= 3e-2
+    assert bool(split_calls) == (attention == "flash")  # the attention asked for is the one that ran
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Inductor launching the Triton kernels itself)")
