@@ -39,7 +39,6 @@ class PackedBatch:
     suffix_rows: Tensor  # packed indices of the suffix tokens (the rows `forward` returns)
     predicting_rows: Tensor  # packed indices of the tokens that predict a suffix token (the rows `token_logprobs` reads)
     suffix_tokens: Tensor  # [sum of lengths] the real suffix tokens, groups in order (targets of token_logprobs)
-    suffix_counts: list[int]  # real suffix tokens per group
     suffix_places: list[Tensor]  # per group: where its real suffix tokens sit in its [G·S] grid (right padding)
     suffix_grids: list[torch.Size]  # per group: [G, S]
     longest_sequence: int  # the longest ungrouped sequence P + S_g, for the mask check
@@ -159,11 +158,10 @@ def _shape(value) -> str:
 
 def pack(groups, several: bool = False) -> PackedBatch:
     """Pack groups (from `_as_groups`) into one sequence [P, S_1 … S_G, P', …]."""
-    ids, positions, suffix_rows, predicting_rows, layout_groups, suffix_tokens, suffix_counts, places = [], [], [], [], [], [], [], []
+    ids, positions, suffix_rows, predicting_rows, layout_groups, suffix_tokens, places = [], [], [], [], [], [], []
     at, longest = 0, 0
     for prefix, suffix, lengths in groups:
         layout_groups.append((prefix.numel(), lengths))
-        suffix_counts.append(sum(lengths))
         places.append(_places_in_grid(lengths, suffix.shape[1]))
         ids.append(prefix)
         positions.append(torch.arange(prefix.numel()))
@@ -189,7 +187,6 @@ def pack(groups, several: bool = False) -> PackedBatch:
         suffix_rows=suffix_rows,
         predicting_rows=predicting_rows,
         suffix_tokens=torch.cat([t.to(device) for t in suffix_tokens]),
-        suffix_counts=suffix_counts,
         suffix_places=places,
         suffix_grids=[suffix.shape for _, suffix, _ in groups],
         longest_sequence=max(longest, 2),
@@ -211,7 +208,8 @@ def _unpack_rows(rows: Tensor, batch: PackedBatch) -> list[Tensor]:
     Scattered by indices made on the CPU: a boolean-mask scatter would wait for the GPU to finish the
     forward before the CPU could queue the backward."""
     pieces, at = [], 0
-    for shape, count, places in zip(batch.suffix_grids, batch.suffix_counts, batch.suffix_places):
+    for shape, places in zip(batch.suffix_grids, batch.suffix_places):
+        count = places.numel()  # real suffix tokens of the group
         grid = rows.new_zeros(shape.numel(), *rows.shape[1:])
         pieces.append(grid.index_copy(0, places, rows[at : at + count]).view(*shape, *rows.shape[1:]))
         at += count

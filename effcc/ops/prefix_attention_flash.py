@@ -81,9 +81,10 @@ def _sequences(bounds_q: Tensor, bounds_k: Tensor):
     return zip(itertools.pairwise(starts_q), itertools.pairwise(starts_k))
 
 
-def _bottom_right_causal(length_q: int, length_k: int) -> Tensor:
-    """Bool [Lq, Lk]: query i sees key j iff j ≤ i + (Lk − Lq), FlashAttention's causal mask."""
-    return torch.ones(length_q, length_k, dtype=torch.bool).tril(length_k - length_q)
+def _visible(length_q: int, length_k: int, causal: bool) -> Tensor:
+    """Bool [Lq, Lk]: every key, or if causal j ≤ i + (Lk − Lq) (FlashAttention's mask, aligned bottom-right)."""
+    everything = torch.ones(length_q, length_k, dtype=torch.bool)
+    return everything.tril(length_k - length_q) if causal else everything
 
 
 def _varlen_reference(q, k, v, bounds_q, bounds_k, causal, scale):
@@ -91,7 +92,7 @@ def _varlen_reference(q, k, v, bounds_q, bounds_k, causal, scale):
 
     out, lse = q.new_zeros(q.shape), q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     for (q0, q1), (k0, k1) in _sequences(bounds_q, bounds_k):
-        mask = _bottom_right_causal(q1 - q0, k1 - k0) if causal else torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        mask = _visible(q1 - q0, k1 - k0, causal)
         o, l = attention_with_lse(*(t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1])), mask.to(q.device), scale)
         out[q0:q1], lse[:, q0:q1] = o.transpose(0, 1), l
     return out, lse
@@ -102,7 +103,7 @@ def _varlen_reference_backward(grad, q, k, v, out, lse, bounds_q, bounds_k, caus
 
     dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     for (q0, q1), (k0, k1) in _sequences(bounds_q, bounds_k):
-        mask = _bottom_right_causal(q1 - q0, k1 - k0) if causal else torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        mask = _visible(q1 - q0, k1 - k0, causal)
         heads_first = (t.transpose(0, 1) for t in (grad[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1]))
         grads = attention_backward(*heads_first, lse[:, q0:q1], mask.to(q.device), scale)
         for target, g, (lo, hi) in zip((dq, dk, dv), grads, ((q0, q1), (k0, k1), (k0, k1))):
