@@ -1,10 +1,9 @@
 """Where the time of one prefix-attention forward + backward goes (torch.profiler, CUDA).
 
-    python benchmarks/profile_prefix_attention.py [--triton]
+    python benchmarks/profile_prefix_attention.py
 """
 
 import argparse
-import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -14,10 +13,7 @@ from effcc.ops.prefix_attention import PackedLayout, prefix_attention
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--triton", action="store_true", help="effcc's Triton kernel instead of the FlashAttention split")
-    args = parser.parse_args()
-    if args.triton:
-        os.environ["EFFCC_PREFIX_ATTENTION"] = "triton"
+    parser.parse_args()
     layout = PackedLayout.build([(1024, [256] * 8)], device="cuda")
     n = layout.group_start.shape[0]
     q, k, v = (torch.randn(1, 16, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

@@ -22,7 +22,6 @@ group for a prefix key, the rest of its own suffix for a suffix key.
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import dataclass
 
@@ -30,19 +29,15 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from . import prefix_attention_flash as _flash
-
 
 @dataclass(frozen=True)
 class PackedLayout:
-    """Where each token of a packed batch of groups sits; int32 vectors of length N (see module doc),
-    and the same layout as cumulative lengths for the FlashAttention split (`flash_plan`)."""
+    """Where each token of a packed batch of groups sits: int32 vectors of length N (see module doc)."""
 
     group_start: Tensor
     prefix_end: Tensor
     segment_start: Tensor
     visible_until: Tensor
-    flash_plan: tuple[Tensor, ...]
 
     @classmethod
     def build(cls, groups: list[tuple[int, list[int]]], device=None) -> PackedLayout:
@@ -60,16 +55,11 @@ class PackedLayout:
                 at += length
         # one value per segment, repeated over its tokens (a Python list per token took ms at N ~ 10⁴)
         vectors = torch.tensor(per_segment, dtype=torch.int32).repeat_interleave(torch.tensor(lengths), dim=0).t().contiguous()
-        plan = flash_plan(groups)
-        on_device = move_together([*vectors, *plan], device)
-        # The split reads its launch sizes (plan[-1]) without waiting for the GPU: they stay on the CPU
-        # when it is asked for; else nothing reads them, and a graph with no CPU input can be a CUDA graph.
-        launch_sizes = plan[-1] if _flash.asked_for() else on_device[-1]
-        return cls(*on_device[:4], (*on_device[4:-1], launch_sizes))
+        return cls(*move_together(list(vectors), device))
 
     def op_inputs(self) -> tuple[Tensor, ...]:
         """What effcc::prefix_attention_fwd takes after q, k, v."""
-        return self.group_start, self.prefix_end, self.segment_start, self.visible_until, *self.flash_plan
+        return self.group_start, self.prefix_end, self.segment_start, self.visible_until
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.group_start, self.prefix_end, self.segment_start, self.visible_until
@@ -87,46 +77,6 @@ def move_together(tensors: list[Tensor], device) -> list[Tensor]:
         out.append(flat[at : at + t.numel()].view(t.shape).to(t.dtype))
         at += t.numel()
     return out
-
-
-def flash_plan(groups: list[tuple[int, list[int]]]) -> tuple[Tensor, ...]:
-    """The packed layout as the FlashAttention split reads it (prefix_attention_flash: every prefix
-    causally over itself in one varlen call, every suffix over [its prefix; itself] in another).
-    Fields (prefix_attention_flash.FLASH_PLAN_FIELDS):
-      prefix_rows     int64 packed indices of the prefix tokens, group after group
-      prefix_bounds   int32 cumulative prefix lengths (into prefix_rows)
-      suffix_rows     int64 packed indices of the suffix tokens, suffix after suffix
-      suffix_bounds   int32 cumulative lengths of the non-empty suffixes (into suffix_rows)
-      context_rows    int64 per non-empty suffix: its group's prefix tokens, then its own tokens
-      context_bounds  int32 cumulative context lengths (into context_rows)
-      longest         int64 [longest prefix, suffix, context] (on the CPU when the split is asked
-                      for: its kernel launch sizes, read without waiting for the GPU)"""
-    prefix_rows, suffix_rows, context_rows = [], [], []
-    prefix_lengths, suffix_lengths, context_lengths = [], [], []
-    at = 0
-    for prefix_len, suffix_lens in groups:
-        prefix = torch.arange(at, at + prefix_len)
-        prefix_rows.append(prefix)
-        prefix_lengths.append(prefix_len)
-        at += prefix_len
-        for length in suffix_lens:
-            if length:
-                suffix = torch.arange(at, at + length)
-                suffix_rows.append(suffix)
-                context_rows += [prefix, suffix]
-                suffix_lengths.append(length)
-                context_lengths.append(prefix_len + length)
-            at += length
-
-    def rows(pieces):
-        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
-
-    def bounds(lengths):
-        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-
-    longest = torch.tensor([max(prefix_lengths), max(suffix_lengths, default=0), max(context_lengths, default=0)], dtype=torch.int64)
-    return (rows(prefix_rows), bounds(prefix_lengths), rows(suffix_rows), bounds(suffix_lengths), rows(context_rows),
-            bounds(context_lengths), longest)
 
 
 def visible_keys(group_start: Tensor, prefix_end: Tensor, segment_start: Tensor) -> Tensor:
@@ -238,53 +188,47 @@ def _kernel_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segme
 
 @triton_op("effcc::prefix_attention_fwd", mutates_args=())
 def prefix_attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor,
-    plan: list[Tensor], scale: float,
+    q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor, scale: float,
 ) -> tuple[Tensor, Tensor]:
     """q [H, N, D], k and v [Hkv, N, D] → (out [H, N, D], lse [H, N]: float32, float64 for float64 inputs).
 
-    The layout is PackedLayout.op_inputs(): visible_until is only read by the backward, `plan`
-    (the flash plan, or empty) only by the FlashAttention split.
-    CUDA: effcc's Triton kernels, or with EFFCC_PREFIX_ATTENTION=flash (fp16/bf16, a flash plan)
-    two FlashAttention variable-length calls, prefixes and suffixes (an opaque op of its own)."""
-    if _flash.usable(q, k, plan):
-        return torch.ops.effcc.prefix_attention_flash_fwd(q, k, v, plan, scale)
+    The layout is PackedLayout.op_inputs(); visible_until is only read by the backward.  CUDA runs
+    effcc's Triton kernels (measured faster than FlashAttention's varlen kernels split into a prefix
+    call and a suffix call, and than flex_attention: README, Shared-prefix attention)."""
     return _kernel_forward(q, k, v, group_start, prefix_end, segment_start, scale)
 
 
 @triton_op("effcc::prefix_attention_bwd", mutates_args=())
 def prefix_attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor, plan: list[Tensor], scale: float,
+    group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if _flash.usable(q, k, plan):
-        return torch.ops.effcc.prefix_attention_flash_bwd(grad_out, q, k, v, out, lse, plan, scale)
     return _kernel_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
 
 
 @prefix_attention_fwd.register_kernel("cpu")
-def _(q, k, v, group_start, prefix_end, segment_start, visible_until, plan, scale):
+def _(q, k, v, group_start, prefix_end, segment_start, visible_until, scale):
     forward = _kernel_forward if _interpreting() else _reference_with_lse
     return forward(q, k, v, group_start, prefix_end, segment_start, scale)
 
 
 @prefix_attention_bwd.register_kernel("cpu")
-def _(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, plan, scale):
+def _(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale):
     if _interpreting():
         return _kernel_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
     return _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, scale)
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, *layout, plan, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, *layout, *plan)
+    q, k, v, *layout, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, *layout)
     ctx.scale = scale
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, *plan = ctx.saved_tensors
-    dq, dk, dv = torch.ops.effcc.prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, plan, ctx.scale)
-    return dq, dk, dv, None, None, None, None, [None] * len(plan), None
+    q, k, v, out, lse, *layout = ctx.saved_tensors
+    dq, dk, dv = torch.ops.effcc.prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, *layout, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
 
 
 torch.library.register_autograd("effcc::prefix_attention_fwd", _backward, setup_context=_save_for_backward)
@@ -292,13 +236,12 @@ torch.library.register_autograd("effcc::prefix_attention_fwd", _backward, setup_
 
 def prefix_attention(
     q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor,
-    *plan: Tensor, scale: float | None = None,
+    scale: float | None = None,
 ) -> Tensor:
-    """Attention of a packed layout (module doc); q [1, H, N, D], k and v [1, Hkv, N, D] as SDPA takes them.
-
-    The layout tensors are PackedLayout.op_inputs(); without the flash plan CUDA runs effcc's Triton kernel."""
+    """Attention of a packed layout (module doc); q [1, H, N, D], k and v [1, Hkv, N, D] as SDPA takes them,
+    and the layout's tensors (PackedLayout.op_inputs())."""
     if q.shape[0] != 1:
         raise ValueError(f"prefix_attention runs on one packed sequence (batch 1), got a batch of {q.shape[0]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, _ = torch.ops.effcc.prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, visible_until, list(plan), scale)
+    out, _ = torch.ops.effcc.prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, visible_until, scale)
     return out.unsqueeze(0)

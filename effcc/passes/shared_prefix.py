@@ -24,11 +24,10 @@ from torch import fx
 
 from ..errors import EffccError
 from ..ops.prefix_attention import prefix_attention
-from ..ops.prefix_attention_flash import FLASH_PLAN_FIELDS
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SHAPE_ONLY = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
-LAYOUT_INPUTS = ("group_start", "prefix_end", "segment_start", "visible_until", *FLASH_PLAN_FIELDS)  # PackedLayout.op_inputs()
+LAYOUT_INPUTS = ("group_start", "prefix_end", "segment_start", "visible_until")  # PackedLayout.op_inputs()
 
 
 class SharedPrefixError(EffccError):

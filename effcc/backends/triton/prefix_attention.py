@@ -4,7 +4,7 @@ The packed layout and its mask are those of effcc.ops.prefix_attention: query i 
 group_start[i] ≤ j ≤ i and (j < prefix_end[i] or j ≥ segment_start[i]); equivalently iff
 j ≤ i < visible_until[j].
 
-forward       one program per (query block, head); online softmax in the log2 domain, fp32
+forward       one program per (head, query block), the last blocks first; online softmax in the log2 domain, fp32
               accumulators.  A query block reads only two key ranges: the prefix part
               [group start, prefix end) of its suffix rows and the own-segment part
               [first segment start, last row]; the keys in between (the other suffixes of the
@@ -41,6 +41,7 @@ from .quantized_linear import INTERPRETING, autotune_configs
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): the kernels work in base 2
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
+MAX_TOKENS = 65535 * 32  # the forward's query blocks (at least 32 rows on the GPU) lie on grid axis 1
 
 
 # ---- shared pieces --------------------------------------------------------------------------------
@@ -93,6 +94,16 @@ def _key_ranges(GS, PE, SS, m0, N, BLOCK_M: tl.constexpr):
     prefix_full_hi = tl.minimum(tl.min(tl.where(row_ok, pe, N), axis=0), causal_hi)
     own_full_lo = tl.max(ss, axis=0)
     return gs, pe, ss, prefix_lo, prefix_hi, prefix_full_lo, prefix_full_hi, first_own, own_hi, own_full_lo, causal_hi
+
+
+@triton.jit
+def _heaviest_first(BLOCK_M: tl.constexpr):
+    """The first row of this program's query block, last block first.  Causal rows see more keys the
+    later they come, so the heaviest blocks start first and the light ones fill the last wave; the
+    grid is (heads, blocks), so every head's heavy blocks come before any head's light ones.
+    Measured on an H200 (bf16, D = 64, 16 heads, one prefix and G suffixes): the forward 4–14 %
+    faster.  The backward kernels keep their order: reversed, they were as often slower as faster."""
+    return (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
 
 
 @triton.jit
@@ -182,8 +193,7 @@ def _forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math (and loop state) fp32
-    m0 = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
+    head, m0 = tl.program_id(0), _heaviest_first(BLOCK_M)
     kv_head = head // heads_per_kv
     rows, offs_d, row_ok, io_mask, q = _query_block(Q, head, stride_qh, stride_qn, m0, N, HEAD_DIM, BLOCK_M, BLOCK_D)
     K_HEAD = K + kv_head.to(tl.int64) * stride_kh
@@ -408,6 +418,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor) -> None:
     heads, n, d = q.shape
     if k.shape[1:] != (n, d) or heads % k.shape[0]:
         raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (H must be a multiple of Hkv)")
+    if n > MAX_TOKENS:
+        raise ValueError(f"a packed sequence of {n} tokens is past the kernels' {MAX_TOKENS} (query blocks are a grid axis of at most 65535)")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} is past the kernels' {MAX_HEAD_DIM}")
     if group_start.shape != (n,) or group_start.dtype != torch.int32:
@@ -426,7 +438,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Te
     lse = torch.empty((heads, n), dtype=torch.float32, device=q.device)
     if n == 0 or heads == 0:
         return out, lse
-    wrap_triton(_FORWARD[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
+    wrap_triton(_FORWARD[d > 128])[lambda meta: (heads, triton.cdiv(n, meta["BLOCK_M"]))](
         q, k, v, out, lse, group_start, prefix_end, segment_start,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         n, _n_bucket(n), heads // k.shape[0], scale * LOG2E.value,
