@@ -35,7 +35,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import EffccError
-from .program import device_mapper, graph_tensors, place_device_args
+from .program import device_mapper, graph_tensors
 
 INDEX = "model.safetensors.index.json"
 
@@ -316,7 +316,7 @@ def optimize_checkpoint(
     folder; out: a folder for the rewritten weights (safetensors shards + index).  Passes, calibration
     and verification are as in `effcc.optimize`; calibration batches and the float64 checks run on
     `device`, one weight at a time.  Returns an OptimizeResult whose `model` is the rewritten graph with
-    its tensors on meta; `load(result, device)` or `effcc.load(out, device)` gives it its weights from `out` when they fit."""
+    its tensors on meta; `effcc.load(out, device)` gives it its weights from `out` when they fit."""
     from .api import OptimizeResult
     from .capture import capture
     from .passes import make_pass
@@ -355,22 +355,4 @@ def optimize_checkpoint(
     return result
 
 
-def load(result, device="cpu") -> fx.GraphModule:
-    """The rewritten graph of an optimize_checkpoint result with every tensor loaded onto `device` (a new module)."""
-    program = result.program
-    gm = copy.deepcopy(program.gm)
-    for name in graph_tensors(gm):
-        path, _, leaf = name.rpartition(".")
-        owner = gm.get_submodule(path)
-        value = program.store.checkpoint.get(name).to(device)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-        elif leaf in owner._buffers:
-            owner._buffers[leaf] = value
-        else:
-            setattr(owner, leaf, value)
-    place_device_args(gm, torch.device(device), only_type="meta")  # captured on meta: arange(device=meta) runs on `device`
-    return gm
-
-
-__all__ = ["Checkpoint", "StoreInterpreter", "TensorStore", "empty_weights", "load", "optimize_checkpoint"]
+__all__ = ["Checkpoint", "StoreInterpreter", "TensorStore", "empty_weights", "optimize_checkpoint"]
