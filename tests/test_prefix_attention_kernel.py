@@ -70,7 +70,7 @@ def _check_against_reference(layout, q, k, v, grad_out, dtype, ref_dtype):
     _close(out, ref_out, dtype, "out")
     _close(lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype, "lse")
 
-    dq, dk, dv = kernels.backward(grad_out, q, k, v, out, lse, *layout.tensors(), scale)
+    dq, dk, dv = kernels.backward(grad_out, q, k, v, out, lse, *layout.op_inputs(), scale)
     assert (dq.dtype, dk.dtype, dv.dtype) == (dtype,) * 3 and dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     _close(dq, ref_dq, dtype, "dq")
     _close(dk, ref_dk, dtype, "dk")

@@ -57,11 +57,8 @@ class PackedLayout:
         vectors = torch.tensor(per_segment, dtype=torch.int32).repeat_interleave(torch.tensor(lengths), dim=0).t().contiguous()
         return cls(*move_together(list(vectors), device))
 
-    def op_inputs(self) -> tuple[Tensor, ...]:
-        """What effcc::prefix_attention_fwd takes after q, k, v."""
-        return self.group_start, self.prefix_end, self.segment_start, self.visible_until
-
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def op_inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What effcc::prefix_attention_fwd (and the kernels' backward) take after q, k, v."""
         return self.group_start, self.prefix_end, self.segment_start, self.visible_until
 
 
