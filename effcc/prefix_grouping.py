@@ -265,7 +265,13 @@ def _sdpa_attention(model: nn.Module):
     previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
     switch = previous not in (None, "sdpa") and hasattr(model, "set_attn_implementation")
     if switch:
-        model.set_attn_implementation("sdpa")
+        try:
+            model.set_attn_implementation("sdpa")
+        except (ValueError, ImportError) as error:  # transformers has no SDPA form of this model's attention
+            raise SharedPrefixError(
+                f"{type(model).__name__} has no scaled_dot_product_attention form in transformers ({str(error).splitlines()[0][:160]}); "
+                "grouped runs split that op, so attention computed another way (Gemma 2's soft-capped scores, for one) cannot be grouped"
+            ) from error
     try:
         yield
     finally:

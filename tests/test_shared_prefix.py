@@ -67,19 +67,31 @@ def weights(mask, seed=3):
     return torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * mask
 
 
+def _rms_norm(self, hidden):
+    return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def _gemma_rms_norm(self, hidden):
+    return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+NORMS_THAT_ROUND_TO_FLOAT32 = {  # module: class → the same formula in the input's dtype
+    "transformers.models.llama.modeling_llama": ("LlamaRMSNorm", _rms_norm),
+    "transformers.models.qwen2.modeling_qwen2": ("Qwen2RMSNorm", _rms_norm),
+    "transformers.models.qwen3.modeling_qwen3": ("Qwen3RMSNorm", _rms_norm),
+    "transformers.models.gemma.modeling_gemma": ("GemmaRMSNorm", _gemma_rms_norm),
+}
+
+
 def rms_norm_in_float64(monkeypatch):
-    """Hugging Face's LLaMA/Qwen2 RMSNorm rounds to float32 even in a float64 model, so their
-    float64 gradients (summed over the group in one order, per sequence in the other) differ
-    at 1e-7 from that rounding alone.  To test the rewrite at float64 precision, the norm
-    computes the same formula in the model's dtype."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    """Hugging Face's LLaMA-family norms round to float32 even in a float64 model, so their float64
+    gradients (summed over the group in one order, per sequence in the other) differ at 1e-7 from
+    that rounding alone.  To test the rewrite at float64 precision, the norms compute the same
+    formula in the model's dtype."""
+    import importlib
 
-    def forward(self, hidden):
-        return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    for norm in (LlamaRMSNorm, Qwen2RMSNorm):
-        monkeypatch.setattr(norm, "forward", forward)
+    for module, (name, forward) in NORMS_THAT_ROUND_TO_FLOAT32.items():
+        monkeypatch.setattr(getattr(importlib.import_module(module), name), "forward", forward)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -104,6 +116,53 @@ def test_logits_and_gradients_equal_the_ungrouped_batch(arch, dtype, monkeypatch
     assert grouped_grads.keys() == reference_grads.keys() and len(reference_grads) == len(list(model.parameters()))
     for name, reference_grad in reference_grads.items():
         assert relative_error(grouped_grads[name], reference_grad) <= tol, name
+
+
+def _more_architectures():
+    """One-layer configs of decoders that differ in what the graph rewrite must get right: q/k norms
+    (Qwen3), a scaled embedding (Gemma), partial rotary and parallel attention + MLP (Phi), interleaved
+    rotary (GPT-J), multi-query parallel blocks (Falcon), learned positions read from a mask's cumsum
+    (OPT).  (Cohere works too, but rounds its rotary embedding through float32: no float64 reference.)"""
+    import transformers as hf
+
+    llama_like = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, use_cache=False)
+    return {
+        "qwen3": lambda: hf.Qwen3ForCausalLM(hf.Qwen3Config(**llama_like, head_dim=8)),
+        "gemma": lambda: hf.GemmaForCausalLM(hf.GemmaConfig(**llama_like, head_dim=8)),
+        "phi": lambda: hf.PhiForCausalLM(hf.PhiConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                                      vocab_size=VOCAB, use_cache=False)),
+        "gptj": lambda: hf.GPTJForCausalLM(hf.GPTJConfig(n_layer=1, n_embd=32, n_head=4, rotary_dim=4, vocab_size=VOCAB, n_positions=64,
+                                                         bos_token_id=0, eos_token_id=0, use_cache=False)),
+        "falcon": lambda: hf.FalconForCausalLM(hf.FalconConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB,
+                                                               new_decoder_architecture=False, multi_query=True, use_cache=False)),
+        "opt": lambda: hf.OPTForCausalLM(hf.OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=4, vocab_size=VOCAB,
+                                                      max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0,
+                                                      pad_token_id=1, use_cache=False)),
+    }
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma", "phi", "gptj", "falcon", "opt"])
+def test_more_architectures_through_the_graph(arch, monkeypatch):
+    """No per-model code: each works from its captured graph; float64, norms in float64 (see rms_norm_in_float64)."""
+    rms_norm_in_float64(monkeypatch)
+    torch.manual_seed(0)
+    model = _more_architectures()[arch]().double().eval()
+    grouped = effcc.shared_prefix(model)
+    prefix, suffix, mask = ragged_group()
+    tol = TOLERANCE[torch.float64]
+    assert relative_error(grouped(prefix, suffix, mask) * mask[..., None], ungrouped_logits(model, prefix, suffix, mask)) <= tol
+    w = weights(mask)
+    grouped_grads = grads_of(model, (grouped.token_logprobs(prefix, suffix, mask) * w).sum())
+    reference_grads = grads_of(model, (ungrouped_logprobs(model, prefix, suffix, mask) * w).sum())
+    assert grouped_grads.keys() == reference_grads.keys() and len(reference_grads) == len(list(model.parameters()))
+    # A key bias has an exactly-zero gradient (a shift shared by all of a row's scores leaves the softmax
+    # alone): both sides are then rounding noise, so each error is taken against at least 1e-6 of the
+    # model's largest gradient.
+    floor = 1e-6 * max(float(g.abs().max()) for g in reference_grads.values())
+    for name, reference_grad in reference_grads.items():
+        error = float((grouped_grads[name] - reference_grad).abs().max()) / max(float(reference_grad.abs().max()), floor)
+        assert error <= tol, name
 
 
 def test_several_groups_with_different_prefix_lengths(monkeypatch):
@@ -221,6 +280,16 @@ def test_attention_written_out_by_hand_is_refused():
     # BLOOM adds its ALiBi bias with baddbmm and a softmax: no SDPA node to split
     with pytest.raises(SharedPrefixError, match="no scaled_dot_product_attention"):
         effcc.shared_prefix(build("bloom", torch.float64))
+
+
+def test_a_model_without_an_sdpa_form_is_refused_with_the_reason():
+    from transformers import Gemma2Config, Gemma2ForCausalLM  # soft-capped attention scores: eager attention only
+
+    model = Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=8, vocab_size=VOCAB, use_cache=False)).eval()
+    with pytest.raises(SharedPrefixError, match="Gemma2ForCausalLM has no scaled_dot_product_attention form"):
+        effcc.shared_prefix(model)
+    assert model.config._attn_implementation == "eager"  # left as it was
 
 
 def test_an_attention_bias_is_refused():
