@@ -152,9 +152,22 @@ def _run(what: str, program: Program, eager_model: nn.Module | None = None):
         return program.run_float64()
     except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CaptureError(
-            f"{what}: {type(error).__name__}: {first[:300]}. Are the example inputs what the model takes?"
-        ) from error
+        hint = (
+            "It runs in its own dtype, so an op it uses has no float64 form or its code breaks in float64; effcc checks "
+            "every rewrite against the model in float64: verify=False (--no-verify) rewrites it without those checks"
+            if _runs_as_given(program, eager_model) else "Are the example inputs what the model takes?"
+        )
+        raise CaptureError(f"{what}: {type(error).__name__}: {first[:300]}. {hint}") from error
+
+
+def _runs_as_given(program: Program, eager_model: nn.Module | None) -> bool:
+    """Whether the model (or the captured graph) runs on the example inputs as they are, in its own dtype."""
+    try:
+        with torch.no_grad():
+            (eager_model or program.gm)(*program.example_args, **program.example_kwargs)
+    except Exception:  # noqa: BLE001 -- any failure: the inputs themselves are in question
+        return False
+    return True
 
 
 def _check(program: Program, reference) -> Comparison:

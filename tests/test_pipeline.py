@@ -100,6 +100,26 @@ def test_capture_errors_name_the_model_and_the_fix():
         effcc.optimize(build("gpt2"), (token_ids().float(),))
 
 
+class SingleOnly(torch.nn.Module):
+    """A model whose code, like some Hugging Face ones (Mixtral's grouped matmul, XGLM's mask fill), has no float64 path."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.proj = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.dtype == torch.float64:
+            raise RuntimeError("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double")
+        return self.proj(self.norm(x))
+
+
+def test_a_model_that_cannot_run_in_float64_is_told_how_to_go_on():
+    with pytest.raises(effcc.CaptureError, match=r"runs in its own dtype.*no float64 form.*verify=False"):
+        effcc.optimize(SingleOnly(), (torch.randn(2, 8),))
+    result = effcc.optimize(SingleOnly(), (torch.randn(2, 8),), verify=False)  # the way the message gives: rewritten, unchecked
+    assert all(p.comparison is None for p in result.passes)
+
+
 class DataDependent(torch.nn.Module):
     def forward(self, x):
         return x * 2 if x.sum() > 0 else x - 1
