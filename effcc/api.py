@@ -93,7 +93,8 @@ def export_onnx(
         program = result.program
         args = example_inputs if example_inputs is not None else program.example_args
         kwargs = example_kwargs if example_kwargs is not None else program.example_kwargs
-        return onnx_backend.export_onnx(result.model, path, args, kwargs, dynamic_shapes=program.dynamic_shapes, opset=opset)
+        return onnx_backend.export_onnx(result.model, path, args, kwargs, dynamic_shapes=program.dynamic_shapes, opset=opset,
+                                         name=result.report.model)
     if example_inputs is None:
         raise TypeError("export_onnx(model, path, example_inputs): example_inputs are needed for a plain model")
     return onnx_backend.export_onnx(result, path, example_inputs, example_kwargs, opset=opset)

@@ -1,6 +1,7 @@
 """ONNX export of rewritten models, run in ONNX Runtime."""
 
 import pytest
+import torch
 from conftest import build, token_ids
 
 import effcc
@@ -50,3 +51,35 @@ def test_pre_rmsnorm_exports_real_rms_norm_nodes(tmp_path):
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("RMSNormalization") == 5 and "LayerNormalization" not in ops
     assert effcc.check_onnx(path, model, (ids,)).max_rel < 1e-4
+
+
+@torch.library.custom_op("effcc_tests::no_onnx_form", mutates_args=())
+def _no_onnx_form(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_no_onnx_form.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_an_op_with_no_onnx_form_is_named_with_its_layer(tmp_path):
+    """As Mixtral's grouped matmul (a transformers custom op) is: the error says which node, op and layer,
+    not the exporter's generic next steps."""
+
+    class Expert(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.effcc_tests.no_onnx_form(x)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.expert = torch.nn.Linear(8, 8), Expert()
+
+        def forward(self, x):
+            return self.expert(self.proj(x))
+
+    res = effcc.optimize(Model(), (torch.randn(2, 8),), passes=[])
+    with pytest.raises(effcc.EffccError, match=r"ONNX export of Model failed: node \w+ \(torch\.ops\.effcc_tests\.no_onnx_form\.default\) "
+                                               r"in expert: No ONNX function found"):
+        effcc.export_onnx(res, tmp_path / "model.onnx")

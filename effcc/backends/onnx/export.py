@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -27,8 +28,10 @@ def _uses(model: nn.Module, target) -> bool:
     return graph is not None and any(node.target is target for node in graph.nodes)
 
 
-def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None, *, dynamic_shapes=None, opset: int | None = None) -> Path:
-    """Write `model(*args, **kwargs)` as an ONNX file through torch.onnx (dynamo exporter)."""
+def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None, *, dynamic_shapes=None, opset: int | None = None,
+                name: str | None = None) -> Path:
+    """Write `model(*args, **kwargs)` as an ONNX file through torch.onnx (dynamo exporter); `name` is the model's
+    in errors (a rewritten model is a GraphModule)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     options = {"dynamo": True, "external_data": False}
@@ -56,11 +59,29 @@ def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None,
     try:
         with torch.no_grad(), eval_mode(model), contextlib.redirect_stdout(quiet), _quiet_exporter():
             program = torch.onnx.export(model, args, kwargs=kwargs or None, **options)
-    except Exception as error:  # any exporter failure, reported with its own first line
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise EffccError(f"ONNX export of {type(model).__name__} failed: {first[:400]}") from error
+    except Exception as error:  # any exporter failure, reported by its root cause and the node it stopped at
+        raise EffccError(f"ONNX export of {name or type(model).__name__} failed: {_export_failure(error, model)}") from error
     program.save(os.fspath(path))
     return path
+
+
+def _export_failure(error: BaseException, model: nn.Module) -> str:
+    """The exporter wraps its root cause ("No ONNX function found for <op>") in errors whose first lines
+    are generic next steps: say the root cause, and the node (with its layer, when the model is a
+    graph) that the exporter was translating."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 16:
+        chain.append(chain[-1].__cause__)
+    first_lines = [re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [type(e).__name__])[0]) for e in chain]
+    reason = first_lines[-1][:400]
+    translating = next((m for line in first_lines if (m := re.search(r"translating node %(\w+) .*target=([\w.:]+)", line))), None)
+    if translating is None:
+        return reason
+    name, target = translating.groups()
+    node = next((n for n in getattr(model, "graph", fx.Graph()).nodes if n.name == name), None)
+    stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
+    layer = f" in {next(reversed(stack.values()))[0]}" if stack else ""
+    return f"node {name} ({target}){layer}: {reason}. An op with no ONNX form needs a translation registered with torch.onnx"
 
 
 @contextlib.contextmanager
