@@ -139,7 +139,64 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, *, dynami
     gm = ep.module()
     if detach:
         detach_from_caller(gm)
+    out_of_place_arithmetic(gm)
     return Program(gm, args, kwargs, spec, notes)
+
+
+def out_of_place_arithmetic(gm: torch.fx.GraphModule) -> int:
+    """In-place arithmetic on a value the graph computed itself (Falcon's `mlp_output += attention_output`)
+    as its out-of-place op, the later readers of the value reading the result: what passes match on
+    (a residual stream is a chain of `add`).  Only where nothing else can see the write: the value
+    is a fresh tensor (no view of another) and has no views of its own; an input, a weight or a
+    view is left as it is.  Returns how many were rewritten."""
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        functional = _out_of_place_form(node)
+        written = node.args[0] if functional is not None else None
+        if written is None or not _fresh(written) or any(_aliases(user) for user in written.users if user is not node):
+            continue
+        with gm.graph.inserting_before(node):
+            replacement = gm.graph.call_function(functional, node.args, node.kwargs)
+        replacement.meta = dict(node.meta)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for reader in [user for user in written.users if user is not node and order[user] > order[node]]:
+            reader.replace_input_with(written, replacement)  # it read the value after the write
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten
+
+
+def _out_of_place_form(node: torch.fx.Node):
+    """aten.add.Tensor for aten.add_.Tensor (and so on): an op that writes its first argument only."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    schema = node.target._schema
+    namespace, _, name = schema.name.partition("::")
+    writes = [arg.alias_info is not None and arg.alias_info.is_write for arg in schema.arguments]
+    if namespace != "aten" or not name.endswith("_") or writes[:1] != [True] or any(writes[1:]):
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    return getattr(packet, node.target._overloadname, None) if packet is not None else None
+
+
+def _fresh(node) -> bool:
+    """A tensor an op made anew: neither an input, a weight nor a view of another tensor."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    schema = node.target._schema
+    return not schema.is_mutable and all(ret.alias_info is None for ret in schema.returns)
+
+
+def _aliases(node: torch.fx.Node) -> bool:
+    """Whether `node` may return a view of (or write into) one of its inputs."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return node.op != "output"  # an unknown callable might keep a view; the graph's output only reads
+    schema = node.target._schema
+    return schema.is_mutable or any(ret.alias_info is not None for ret in schema.returns)
 
 
 def _first_line(error: Exception) -> str:

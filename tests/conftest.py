@@ -115,7 +115,15 @@ def _phi():
     )
 
 
-HF_MODELS = {"bloom": _bloom, "phi": _phi, "gpt2": _gpt2, "opt": _opt, "llama": _llama, "bert": _bert, "gemma": _gemma, "qwen2": _qwen2, "gpt_neox": _neox, "opt_post_ln": _opt_post_ln}
+def _falcon():
+    """Linears written as `x @ W.T` (FalconLinear), the MLP's output added in place (`+=`), parallel blocks, multi-query."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    return FalconForCausalLM(FalconConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, new_decoder_architecture=False,
+                                          multi_query=True, bos_token_id=0, eos_token_id=0, use_cache=False))
+
+
+HF_MODELS = {"bloom": _bloom, "phi": _phi, "falcon": _falcon, "gpt2": _gpt2, "opt": _opt, "llama": _llama, "bert": _bert, "gemma": _gemma, "qwen2": _qwen2, "gpt_neox": _neox, "opt_post_ln": _opt_post_ln}
 
 
 def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, **sizes) -> torch.nn.Module:

@@ -88,3 +88,47 @@ def test_example_inputs_that_are_views_do_not_tie_the_capture_to_their_base():
     ids = torch.randint(0, 50, (8, 32))
     res = effcc.optimize(model, (ids[:2, :16],), passes=[])  # a slice of a larger batch
     torch.testing.assert_close(res.model(ids[:3]).logits, model(ids[:3]).logits)
+
+
+class InPlaceResidual(nn.Module):
+    """`h += branch` on a value the model computed (as Falcon's decoder does), a later reader of it,
+    and one in-place add that must stay: a view of the value was taken before the write."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        h += self.b(x)  # fresh value, no views: becomes add
+        doubled = h * 2  # reads the value after the write
+        g = self.b(h)
+        first_half = g[:, :4]  # a view of g ...
+        g += 1  # ... sees this write: stays in place
+        return doubled, first_half
+
+
+def test_in_place_arithmetic_on_fresh_values_becomes_out_of_place():
+    from effcc.capture import out_of_place_arithmetic
+
+    x = torch.randn(3, 8)
+    program = capture(InPlaceResidual().eval(), (x,))
+    targets = [node.target for node in program.gm.graph.nodes]
+    assert torch.ops.aten.add_.Tensor in targets  # the one behind a view stayed
+    assert targets.count(torch.ops.aten.add.Tensor) == 1
+    assert out_of_place_arithmetic(program.gm) == 0  # nothing left that is safe to rewrite
+    model = InPlaceResidual().eval()
+    program = capture(model, (x,))
+    for got, want in zip(run_float64(program.gm, (x,)), reference_outputs(model, (x,)), strict=True):
+        assert compare(got, want).max_rel < 1e-12
+
+
+def test_falcon_linears_and_in_place_residual_are_rewritten():
+    """Falcon writes its linears as `x @ W.T` and adds its MLP output in place: both are found."""
+    model = build("falcon")
+    result = effcc.optimize(model, (token_ids(),))  # verified in float64 against the model after every pass
+    changed = {p.name: len(p.changed) for p in result.passes}
+    assert changed["ln_to_rmsnorm"] == 1 and changed["fold_norm_affine"] >= 3
+    calibration = [(token_ids(seed=s),) for s in range(2)]
+    quantised = effcc.optimize(model, (token_ids(),), passes=["quantize_w8a8"], calibration=calibration)
+    assert len(quantised.passes[0].changed) == 8  # 4 linears per layer; the LM head stays in full precision

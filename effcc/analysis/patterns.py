@@ -38,12 +38,24 @@ def _stored(node) -> tuple[fx.Node, fx.Node, bool] | None:
         return None
     if node.op == "get_attr":
         return node, None, False
-    if node.op == "call_function" and node.target in (aten.t.default, aten.transpose.int, aten.permute.default):
+    if node.op == "call_function" and _swaps_two_dims(node):
         inner = node.args[0]
         val = value_of(inner)
         if isinstance(inner, fx.Node) and inner.op == "get_attr" and val is not None and val.dim() == 2:
             return inner, node, True
     return None
+
+
+def _swaps_two_dims(node: fx.Node) -> bool:
+    """Whether `node` transposes a 2-D tensor: W.t(), W.T (`numpy_T`, as Falcon's linears write it),
+    W.transpose(0, 1), W.permute(1, 0); not a transpose or permute that keeps the order."""
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        return True
+    if node.target is aten.transpose.int:
+        return len(node.args) == 3 and node.args[1] % 2 != node.args[2] % 2
+    if node.target is aten.permute.default:
+        return [d % 2 for d in node.args[1]] == [1, 0]
+    return False
 
 
 def match_linear(node: fx.Node) -> Linear | None:
