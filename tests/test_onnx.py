@@ -83,3 +83,14 @@ def test_an_op_with_no_onnx_form_is_named_with_its_layer(tmp_path):
     with pytest.raises(effcc.EffccError, match=r"ONNX export of Model failed: node \w+ \(torch\.ops\.effcc_tests\.no_onnx_form\.default\) "
                                                r"in expert: No ONNX function found"):
         effcc.export_onnx(res, tmp_path / "model.onnx")
+
+
+def test_pre_rmsnorm_with_multi_query_attention_exports(tmp_path):
+    """Falcon after ln_to_rmsnorm: RMSNorm nodes and SDPA with one kv head.  torch.onnx's opset-23
+    Attention (the opset of RMSNormalization) refuses fewer kv heads than q heads, so this model is
+    exported at the default opset, its RMSNorm in primitives."""
+    model = build("falcon")
+    res = effcc.optimize(model, (token_ids(),))
+    assert any(p.name == "ln_to_rmsnorm" and p.changed for p in res.passes)
+    path = effcc.export_onnx(res, tmp_path / "falcon.onnx")
+    assert effcc.check_onnx(path, model, (token_ids(batch=3, tokens=11, seed=5),)).max_rel < 1e-4
