@@ -155,6 +155,8 @@ def out_of_place_arithmetic(gm: torch.fx.GraphModule) -> int:
         written = node.args[0] if functional is not None else None
         if written is None or not _fresh(written) or any(_aliases(user) for user in written.users if user is not node):
             continue
+        if not _same_dtype(node.args):  # `a += b` keeps a's dtype where `a + b` would promote
+            continue
         with gm.graph.inserting_before(node):
             replacement = gm.graph.call_function(functional, node.args, node.kwargs)
         replacement.meta = dict(node.meta)
@@ -181,6 +183,12 @@ def _out_of_place_form(node: torch.fx.Node):
         return None
     packet = getattr(torch.ops.aten, name[:-1], None)
     return getattr(packet, node.target._overloadname, None) if packet is not None else None
+
+
+def _same_dtype(args) -> bool:
+    """Whether every tensor among `args` (fx nodes with traced values) has the first one's dtype."""
+    dtypes = {arg.meta["val"].dtype for arg in args if isinstance(arg, torch.fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor)}
+    return len(dtypes) == 1
 
 
 def _fresh(node) -> bool:
