@@ -20,7 +20,7 @@ from ...errors import EffccError, VerificationError
 from ...verify import Comparison, compare
 
 ONNX_RTOL = 1e-4  # float32 in ONNX Runtime vs float32 in PyTorch: kernel order differs, nothing else
-RMS_NORM_OPSET = 23  # the first opset with RMSNormalization
+RMS_NORM_OPSET = 23  # the first opset with RMSNormalization: export_onnx(..., opset=RMS_NORM_OPSET)
 
 
 def _uses(model: nn.Module, target) -> bool:
@@ -35,10 +35,10 @@ def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     options = {"dynamo": True, "external_data": False}
-    if opset is None and _uses(model, torch.ops.aten.rms_norm.default) and not _grouped_query_attention(model):
-        # a real RMSNormalization node instead of a pile of primitives; not with grouped-query attention,
-        # which torch.onnx's opset-23 Attention translation refuses (it needs as many kv heads as q heads)
-        opset = RMS_NORM_OPSET
+    # The exporter's default opset unless asked: opset 23 (RMSNorm as RMSNormalization nodes, RMS_NORM_OPSET)
+    # also turns attention into ONNX Attention, which torch.onnx refuses for fewer kv heads than q heads,
+    # and rotary embeddings into RotaryEmbedding nodes that ONNX Runtime 1.32 rejects for partial rotary
+    # (GPT-NeoX, Phi): measured no faster in ONNX Runtime (README), so it is for those who ask.
     if opset is not None:
         options["opset_version"] = opset
     if dynamic_shapes is not None:
@@ -65,16 +65,6 @@ def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None,
         raise EffccError(f"ONNX export of {name or type(model).__name__} failed: {_export_failure(error, model)}") from error
     program.save(os.fspath(path))
     return path
-
-
-def _grouped_query_attention(model: nn.Module) -> bool:
-    """Whether an SDPA node of the graph reads fewer key/value heads than query heads (GQA, MQA)."""
-    for node in getattr(model, "graph", fx.Graph()).nodes:
-        if node.target is torch.ops.aten.scaled_dot_product_attention.default:
-            q, k = (arg.meta.get("val") if isinstance(arg, fx.Node) else None for arg in node.args[:2])
-            if node.kwargs.get("enable_gqa") or (q is not None and k is not None and q.shape[-3] != k.shape[-3]):
-                return True
-    return False
 
 
 def _export_failure(error: BaseException, model: nn.Module) -> str:
