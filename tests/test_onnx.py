@@ -94,3 +94,22 @@ def test_pre_rmsnorm_with_mqa_or_partial_rotary_runs_in_onnxruntime(arch, tmp_pa
     assert any(p.name == "ln_to_rmsnorm" and p.changed for p in res.passes)
     path = effcc.export_onnx(res, tmp_path / f"{arch}.onnx")
     assert effcc.check_onnx(path, model, (token_ids(batch=3, tokens=11, seed=5),)).max_rel < 1e-4
+
+
+def test_an_rms_norm_with_a_tiny_epsilon_keeps_it(tmp_path):
+    """ViT/DeiT keep LayerNorm's ε = 1e-12 through ln_to_rmsnorm; torch.onnx's optimizer drops `x + c` for
+    |c| ≤ 1e-8, which gave inf on a row of zeros (DeiT's zero-initialised class and distillation tokens)."""
+
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+        def forward(self, x):
+            return torch.nn.functional.rms_norm(x, [8], self.weight, 1e-12)
+
+    x = torch.randn(3, 8)
+    x[0] = 0  # mean(x²) = 0: only ε keeps rsqrt finite
+    res = effcc.optimize(Norm(), (x,), passes=[])
+    path = effcc.export_onnx(res, tmp_path / "norm.onnx")
+    assert effcc.check_onnx(path, Norm(), (x,)).max_rel < 1e-4

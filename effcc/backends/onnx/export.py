@@ -57,6 +57,11 @@ def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None,
         # The exporter's constant folding would turn the 2-bit codes into dense float weights in
         # the file; ONNX Runtime still folds them when a session loads (complex_linear.py).
         options["optimize"] = False
+    if _adds_a_tiny_constant(model):
+        # The exporter's optimizer takes `x + c` for `x` when |c| ≤ 1e-8 (onnxscript's add-zero rule):
+        # an RMSNorm with ε = 1e-12 (ViT's, DeiT's, kept by ln_to_rmsnorm) would lose its ε and give
+        # inf on a zero row.  Unoptimised, the file keeps the Add; ONNX Runtime optimises at load.
+        options["optimize"] = False
     quiet = io.StringIO()
     try:
         with torch.no_grad(), eval_mode(model), contextlib.redirect_stdout(quiet), _quiet_exporter():
@@ -65,6 +70,19 @@ def export_onnx(model: nn.Module, path, args: tuple, kwargs: dict | None = None,
         raise EffccError(f"ONNX export of {name or type(model).__name__} failed: {_export_failure(error, model)}") from error
     program.save(os.fspath(path))
     return path
+
+
+def _adds_a_tiny_constant(model: nn.Module) -> bool:
+    """Whether the graph adds a constant 0 < |c| ≤ 1e-8: an RMSNorm's ε, written out or as aten.rms_norm."""
+    def tiny(value) -> bool:
+        return isinstance(value, float) and 0 < abs(value) <= 1e-8
+
+    for node in getattr(model, "graph", fx.Graph()).nodes:
+        if node.target is torch.ops.aten.rms_norm.default and tiny((list(node.args) + [None] * 4)[3]):
+            return True
+        if node.target in (torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar) and any(tiny(arg) for arg in node.args):
+            return True
+    return False
 
 
 def _export_failure(error: BaseException, model: nn.Module) -> str:
