@@ -166,10 +166,12 @@ def _dotted_name(node: fx.Node) -> str:
 
 
 def _path_in_model(source: str) -> str:
-    """A Dynamo source (L['self']._modules['h']._modules['0'], or L['self'].h.0) as the model's dotted name, h.0."""
-    parts = re.findall(r"\['([^']+)'\]|\.(\w+)", source.split("L['self']", 1)[-1])
-    words = [re.sub(r"\W", "_", a or b) for a, b in parts if (a or b) not in ("_modules", "_parameters", "_buffers")]
-    return ".".join(words)
+    """A Dynamo source (L['self']._modules['h']._modules['0'], L['args'][0].h[0], or through a module's
+    __dict__ as Swin's blocks are read) as the model's dotted name, h.0."""
+    inside = re.sub(r"^L\['self'\]|^L\['args'\]\[0\]", "", source)  # the model itself: as a method's self, or as the first argument
+    parts = re.findall(r"\['([^']+)'\]|\[(\d+)\]|\.(\w+)", inside)
+    words = ["".join(part) for part in parts]  # one of the three groups matched
+    return ".".join(re.sub(r"\W", "_", word) for word in words if word not in ("_modules", "_parameters", "_buffers", "__dict__"))
 
 
 def _graph_label(gm: fx.GraphModule, example_inputs, constants: dict[fx.Node, torch.Tensor]) -> str:

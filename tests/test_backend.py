@@ -291,3 +291,22 @@ def test_new_shapes_under_fail_on_recompile_raise_naming_the_guard():
             pytest.raises(RuntimeError, match=r"(?s)Detected recompile.*size mismatch"),
         ):
             compiled(torch.randn(3, 5, 16))
+
+
+def test_a_model_whose_blocks_dynamo_reads_through_their_dict_compiles():
+    """Swin's second stage reaches its blocks' weights through a module's __dict__ in Dynamo's sources;
+    the weights' dotted names leave that out (they named a dict, and building the graph failed).
+    The names are the model's own, which name-based selections (real_to_complex's include) rely on."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    from effcc.backend import _path_in_model
+
+    assert _path_in_model("L['self'].swin.encoder.layers[1].blocks[0].__dict__['layernorm_before']") == "swin.encoder.layers.1.blocks.0.layernorm_before"
+    # the model as the first argument (how this torch names it), not as `self`: no "args." in front
+    assert _path_in_model("L['args'][0]._modules['model']._modules['layers']._modules['0']._parameters['weight']") == "model.layers.0.weight"
+    torch.manual_seed(0)
+    model = randomize_norms(SwinForImageClassification(SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+                                                                   window_size=4, num_labels=3))).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="effcc")(images).logits, model(images).logits, rtol=0, atol=COMPILE_ATOL)
