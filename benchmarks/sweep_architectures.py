@@ -1,4 +1,4 @@
-"""Every entry point on many Hugging Face decoder families (CPU, small configs, random weights).
+"""Every entry point on many Hugging Face families, decoders and vision encoders (CPU, small configs, random weights).
 
     python benchmarks/sweep_architectures.py [--only qwen3,falcon] [--out benchmarks/results/architecture_sweep_cpu.json]
 
@@ -71,6 +71,23 @@ FAMILIES = {
     "biogpt": lambda: hf.BioGptForCausalLM(hf.BioGptConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                                            vocab_size=VOCAB, use_cache=False)),
 }
+VISION = {  # encoders on 32×32 images: no shared prefix (not causal), the same other entry points
+    "vit": lambda: hf.ViTForImageClassification(hf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                             intermediate_size=64, num_labels=5)),
+    "deit": lambda: hf.DeiTForImageClassification(hf.DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                                num_attention_heads=4, intermediate_size=64, num_labels=5)),
+    "dinov2": lambda: hf.Dinov2Model(hf.Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                     mlp_ratio=2)),
+    "beit": lambda: hf.BeitForImageClassification(hf.BeitConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                                num_attention_heads=4, intermediate_size=64, num_labels=5)),
+    "convnext": lambda: hf.ConvNextForImageClassification(hf.ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_labels=5)),
+    "resnet": lambda: hf.ResNetForImageClassification(hf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
+                                                                      num_labels=5)),
+    "swin": lambda: hf.SwinForImageClassification(hf.SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+                                                                window_size=4, num_labels=5)),
+    "clip_vision": lambda: hf.CLIPVisionModel(hf.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                                  num_attention_heads=4, intermediate_size=64)),
+}
 RECIPES = {
     "smoothquant + w8a8": [("smoothquant", {"alpha": 0.5}), "quantize_w8a8"],
     "os+ + w4a16": ["os_plus", ("quantize_w4a16", {"group_size": 16})],
@@ -82,36 +99,41 @@ def ids(batch: int, tokens: int, seed: int) -> torch.Tensor:
     return torch.randint(2, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(seed))
 
 
+def images(batch: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+
 def relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
 
 def logits(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output[0]
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
 
 def changed(result) -> str:
     return ", ".join(f"{p.name} {len(p.changed)}/{len(p.changed) + len(p.skipped)}" for p in result.passes)
 
 
-def optimized(model) -> str:
-    result = effcc.optimize(model, (ids(2, 12, 0),))
+def optimized(model, example, other) -> str:
+    result = effcc.optimize(model, (example,))
     with torch.no_grad():
-        error = relative(logits(result.model(ids(3, 9, 1))), logits(model(ids(3, 9, 1))))
+        error = relative(logits(result.model(other)), logits(model(other)))
     return f"{error:.0e} ({changed(result)})"
 
 
-def compiled(model) -> str:
+def compiled(model, example, other) -> str:
     torch._dynamo.reset()
     backend = torch.compile(model, backend="effcc")
     with torch.no_grad():
-        return f"{max(relative(logits(backend(x)), logits(model(x))) for x in (ids(2, 12, 0), ids(3, 9, 1))):.0e}"
+        return f"{max(relative(logits(backend(x)), logits(model(x))) for x in (example, other)):.0e}"
 
 
-def onnx(model, folder: Path) -> str:
-    result = effcc.optimize(model, (ids(2, 12, 0),), verify=False)
+def onnx(model, example, other, folder: Path) -> str:
+    result = effcc.optimize(model, (example,), verify=False)
     path = effcc.export_onnx(result, folder / "model.onnx")
-    return f"{effcc.check_onnx(path, model, (ids(3, 9, 1),)).max_rel:.0e}"
+    return f"{effcc.check_onnx(path, model, (other,)).max_rel:.0e}"
 
 
 def grouped(model) -> str:
@@ -123,9 +145,8 @@ def grouped(model) -> str:
     return f"{relative(got.detach(), want):.0e}"
 
 
-def quantised(model, recipe) -> str:
-    calibration = [(ids(2, 16, seed),) for seed in range(2)]
-    return changed(effcc.optimize(model, (ids(2, 12, 0),), passes=recipe, calibration=calibration, verify=False))
+def quantised(model, recipe, example, calibration) -> str:
+    return changed(effcc.optimize(model, (example,), passes=recipe, calibration=[(batch,) for batch in calibration], verify=False))
 
 
 def attempt(fn, *args) -> str:
@@ -137,19 +158,25 @@ def attempt(fn, *args) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help="comma-separated families (default: all)")
+    parser.add_argument("--only", help="comma-separated families (default: all, decoders and vision encoders)")
     parser.add_argument("--out", default="benchmarks/results/architecture_sweep_cpu.json")
     args = parser.parse_args()
-    families = args.only.split(",") if args.only else list(FAMILIES)
+    families = args.only.split(",") if args.only else [*FAMILIES, *VISION]
     console, rows = Console(width=240), []
     with tempfile.TemporaryDirectory() as folder:
         for family in families:
             started = time.time()
             torch.manual_seed(0)
-            model = FAMILIES[family]().eval()
-            row = {"family": family, "optimize (default passes)": attempt(optimized, model), "torch.compile": attempt(compiled, model),
-                   "onnx runtime": attempt(onnx, model, Path(folder)), "shared_prefix": attempt(grouped, model)}
-            row.update({recipe: attempt(quantised, model, passes) for recipe, passes in RECIPES.items()})
+            model = (FAMILIES.get(family) or VISION[family])().eval()
+            if family in FAMILIES:
+                example, other, calibration = ids(2, 12, 0), ids(3, 9, 1), [ids(2, 16, seed) for seed in range(2)]
+            else:
+                size = model.config.image_size if hasattr(model.config, "image_size") else 32
+                example, other, calibration = images(2, size, 0), images(3, size, 1), [images(2, size, seed) for seed in (2, 3)]
+            row = {"family": family, "optimize (default passes)": attempt(optimized, model, example, other),
+                   "torch.compile": attempt(compiled, model, example, other), "onnx runtime": attempt(onnx, model, example, other, Path(folder)),
+                   "shared_prefix": attempt(grouped, model) if family in FAMILIES else "n/a (not causal)"}
+            row.update({recipe: attempt(quantised, model, passes, example, calibration) for recipe, passes in RECIPES.items()})
             row["seconds"] = round(time.time() - started, 1)
             console.print(f"{family}: {row}", soft_wrap=True)
             rows.append(row)
