@@ -193,10 +193,7 @@ def _same_dtype(args) -> bool:
 
 def _fresh(node) -> bool:
     """A tensor an op made anew: neither an input, a weight nor a view of another tensor."""
-    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return False
-    schema = node.target._schema
-    return not schema.is_mutable and all(ret.alias_info is None for ret in schema.returns)
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and not _aliases(node)
 
 
 def _aliases(node: torch.fx.Node) -> bool:
