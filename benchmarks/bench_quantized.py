@@ -34,7 +34,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def time_rotating(calls) -> float:
+def time_rotating(calls, rep_ms: int = 400) -> float:
     """Median milliseconds per call of `calls` (closures over distinct weight copies), run as one CUDA graph."""
     from triton.testing import do_bench
 
@@ -50,7 +50,7 @@ def time_rotating(calls) -> float:
         with torch.cuda.graph(graph, stream=stream):
             for call in calls:
                 call()
-    return do_bench(graph.replay, warmup=50, rep=400, return_mode="median") / len(calls)
+    return do_bench(graph.replay, warmup=min(50, rep_ms), rep=rep_ms, return_mode="median") / len(calls)
 
 
 def copies_for(nbytes: int) -> int:

@@ -55,7 +55,7 @@ def test_int8_gemm_matches_integer_reference(m, n, k, with_bias, dtype):
     assert _rel(out, want) <= TOL[dtype]
 
 
-SHAPES_W4A16 = [(1, 48, 128, 64), (3, 40, 320, 32), (5, 40, 256, 32), (16, 24, 192, 64), (40, 48, 128, 128)]
+SHAPES_W4A16 = [(1, 48, 128, 64), (1, 37, 384, 32), (3, 40, 320, 32), (5, 40, 256, 32), (16, 24, 192, 64), (40, 48, 128, 128)]
 if CUDA:
     SHAPES_W4A16 += [(m, n, k, 128) for m in (1, 4, 16, 2048) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))]
 

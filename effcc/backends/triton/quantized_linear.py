@@ -231,38 +231,60 @@ def _group_range(K, GROUP: tl.constexpr, SPLIT_K):
 def _int4_gemv_kernel(
     X, QW, SCALES, ZEROS, BIAS, C, PARTIAL, ARRIVED,
     M, N, K, M_BUCKET,
-    stride_xm, stride_qn, stride_sn, stride_zn, stride_cm,
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_cm, ONE_BITS,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """One token: CUDA-core FMAs, bound by the weight stream.  Each step reads GROUPS_PER_STEP
-    groups of BLOCK_N rows (bytes contiguous along the row); x is read as its even and odd
-    columns, in the layout the broadcast needs, and the products accumulate per element so
-    that the only reduction across threads is the last one."""
-    HALF: tl.constexpr = GROUP // 2
+    """One token: CUDA-core FMAs, bound by the weight stream.  QW is the packed weight read as
+    32-bit words (stride_qn in words), eight codes a word, code i of word w being input column
+    8w + i.  A step loads a [BLOCK_N, GROUPS_PER_STEP, words of a group] tile at once (many bytes
+    in flight: the loop is not software-pipelined); a thread holds words of several rows at the
+    same columns, so the activations it loads serve all of them.
+
+    Each code becomes the float 1 + q/16 by a shift and one AND-OR into the mantissa's top four
+    bits (no conversion instruction, no subtraction): per code a shift, a logic op and an FMA.
+    ONE_BITS is 1.0's bit pattern, 0x3F800000, passed at run time: with the mask and it both
+    constants, ptxas emits two logic ops per code; with one of them in a register, one.
+    Per word and row the zero point and the 16 come back out:
+        Σᵢ xᵢ (qᵢ − z) = 16 Σᵢ xᵢ (1 + qᵢ/16) − (16 + z) Σᵢ xᵢ,
+    which keeps float32's precision (the 1 + q/16 are exact and of one magnitude)."""
+    WORDS: tl.constexpr = GROUP // 8
     rm = tl.arange(0, BLOCK_M)  # BLOCK_M == 1
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rh = tl.arange(0, HALF)
-    n_ok = rn < N
-    row = rn.to(tl.int64)
+    rj = tl.arange(0, GROUPS_PER_STEP)
+    rw = tl.arange(0, WORDS)
+    row = rn.to(tl.int64)[:, None]
     g_start, g_end = _group_range(K, GROUP, SPLIT_K)
-    acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, GROUPS_PER_STEP, WORDS), dtype=tl.float32)
     for g0 in range(g_start, g_end, GROUPS_PER_STEP):
-        for i in tl.static_range(GROUPS_PER_STEP):  # independent loads in flight
-            g = g0 + i
-            ok = n_ok & (tl.full((BLOCK_N,), g, tl.int32) < g_end)
-            packed = tl.load(QW + row[:, None] * stride_qn + g * HALF + rh[None, :], mask=ok[:, None], other=0).to(tl.int32)
-            scale = tl.load(SCALES + row * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
-            # 0x4B000000 | q is the float 2²³ + q: one subtraction takes off both 2²³ and the zero point
-            offset = tl.load(ZEROS + row * stride_zn + g, mask=ok, other=0).to(tl.float32) + 8388608.0
-            x_ok = tl.full((HALF,), g, tl.int32) < g_end
-            x_even = tl.load(X + g * GROUP + 2 * rh, mask=x_ok, other=0.0).to(tl.float32)
-            x_odd = tl.load(X + g * GROUP + 2 * rh + 1, mask=x_ok, other=0.0).to(tl.float32)
-            low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - offset[:, None]
-            high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - offset[:, None]
-            acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale[:, None]
-    out = tl.sum(acc, axis=1)[None, :]
+        g = g0 + rj  # [GROUPS_PER_STEP]
+        ok = (rn < N)[:, None] & (g < g_end)[None, :]  # [BLOCK_N, GROUPS_PER_STEP]
+        word_at = QW + row[:, :, None] * stride_qn + (g * WORDS)[None, :, None] + rw[None, None, :]
+        words = tl.load(word_at, mask=ok[:, :, None], other=0)
+        scale = tl.load(SCALES + row * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
+        zero = tl.load(ZEROS + row * stride_zn + g[None, :], mask=ok, other=0).to(tl.float32)
+        x_at = X + (g * GROUP)[:, None] + 8 * rw[None, :]  # [GROUPS_PER_STEP, WORDS]: column 8w of each group
+        x_ok = (g < g_end)[:, None]
+        dot = tl.zeros((BLOCK_N, GROUPS_PER_STEP, WORDS), dtype=tl.float32)
+        x_sum = tl.zeros((GROUPS_PER_STEP, WORDS), dtype=tl.float32)
+        high = words >> 16  # codes 4-7 where codes 0-3 are, so that every code moves left
+        for i in tl.static_range(4):
+            x_low = tl.load(x_at + i, mask=x_ok, other=0.0).to(tl.float32)
+            x_high = tl.load(x_at + 4 + i, mask=x_ok, other=0.0).to(tl.float32)
+            dot += _one_plus_sixteenth(words, 19 - 4 * i, ONE_BITS) * x_low[None, :, :]
+            dot += _one_plus_sixteenth(high, 19 - 4 * i, ONE_BITS) * x_high[None, :, :]
+            x_sum += x_low + x_high
+        acc += scale[:, :, None] * (16.0 * dot - (16.0 + zero)[:, :, None] * x_sum[None, :, :])
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     store_output_tile(out, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _one_plus_sixteenth(words, shift: tl.constexpr, one_bits):
+    """The 4-bit code at bit 19 − shift of each word as the float 1 + q/16: the code moved to the
+    top of the mantissa (bits 19-22) under the exponent of 1.0 (a left shift, which the GPU can
+    run on its multiply-add pipe, and one three-input logic op)."""
+    return ((words << shift) & 0x00780000 | one_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -343,17 +365,16 @@ def _dequantize_int4_kernel(QW, SCALES, ZEROS, W, N, stride_qn, stride_sn, strid
     tl.store(W + rn[:, None].to(tl.int64) * stride_wn + g * GROUP + tl.arange(0, GROUP)[None, :], w.to(W.dtype.element_ty), mask=n_ok)
 
 
+FLOAT_ONE_BITS = 0x3F800000  # the GEMV kernel's ONE_BITS
 GEMV_TOKENS = 1  # up to here: CUDA-core GEMV; then tensor cores on one 16-row tile
 MMA_TOKENS = 16  # above: dequantise once and use the library GEMM (compute-bound, weight reused)
 
 _int4_gemv = triton.autotune(
     configs=autotune_configs(
-        [
-            # many bytes in flight per program (its GROUPS_PER_STEP loads are independent): the
-            # loop is not software-pipelined, so each step waits for memory once
+        [  # the best of benchmarks/sweep_int4_gemv.py on an H200 (results/int4_gemv_sweep_h200.json)
             {"BLOCK_N": bn, "GROUPS_PER_STEP": gs, "SPLIT_K": sk, "num_warps": w, "num_stages": 1}
-            for bn, gs, sk, w in [(16, 8, 1, 4), (8, 8, 2, 2), (16, 8, 2, 4), (32, 8, 2, 4), (32, 4, 4, 4), (64, 2, 4, 8), (16, 4, 4, 4),
-                                  (64, 2, 8, 8), (32, 2, 8, 4), (16, 2, 8, 4), (32, 1, 16, 4), (64, 1, 16, 8), (16, 4, 8, 4)]
+            for bn, gs, sk, w in [(32, 2, 8, 2), (16, 2, 4, 1), (64, 2, 8, 4), (32, 2, 8, 1), (16, 4, 4, 1), (32, 2, 4, 2),
+                                  (32, 4, 4, 2), (64, 2, 16, 4), (16, 2, 2, 1), (32, 2, 2, 2), (32, 2, 16, 2), (64, 2, 8, 2)]
         ],
         {"BLOCK_N": 8, "GROUPS_PER_STEP": 2, "SPLIT_K": 2},
     ),
@@ -397,6 +418,14 @@ def dequantize_int4(qweight, scales, zeros, group_size: int, dtype) -> torch.Ten
     return w
 
 
+def _as_words(qweight: torch.Tensor) -> torch.Tensor:
+    """The packed codes [N, K/2] bytes as [N, K/8] 32-bit words (little-endian: byte b of a word
+    is its bits 8b..8b+7, so code i of word w is input column 8w + i)."""
+    if qweight.stride(1) != 1 or qweight.stride(0) % 4 or qweight.storage_offset() % 4:
+        qweight = qweight.contiguous()
+    return qweight.view(torch.int32)
+
+
 def int4_linear(x, qweight, scales, zeros, group_size: int, bias) -> torch.Tensor:
     """x [M, K] × 4-bit weight [N, K] (packed [N, K/2], scales/zeros [N, K/g]) → [M, N] in x's dtype."""
     m, k = x.shape
@@ -412,12 +441,15 @@ def int4_linear(x, qweight, scales, zeros, group_size: int, bias) -> torch.Tenso
         return out
     partial = torch.empty((_INT4_MAX_SPLIT * m * n,), dtype=torch.float32, device=x.device)
     arrived = arrival_counters(x.device, triton.cdiv(n, _INT4_SMALLEST_BLOCK_N))
-    args = (x, qweight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
-            m, n, k, m_bucket(m), x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
+
+    def launch(kernel, grid, weight, *extra, **meta):
+        kernel[grid](x, weight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
+                     m, n, k, m_bucket(m), x.stride(0), weight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0), *extra,
+                     GROUP=group_size, HAS_BIAS=bias is not None, **meta)
+
     if m <= GEMV_TOKENS:
-        _int4_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"])](
-            *args, GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_M=1)
-        return out
-    _int4_mma[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])](
-        *args, GROUP=group_size, HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETING)
+        launch(_int4_gemv, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"]), _as_words(qweight), FLOAT_ONE_BITS, BLOCK_M=1)
+    else:
+        launch(_int4_mma, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]),
+               qweight, DOT_IN_FP32=INTERPRETING)
     return out
