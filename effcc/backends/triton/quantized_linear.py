@@ -8,10 +8,11 @@ int8_linear        int8 [M, K] × int8 [N, K]ᵀ → int32 on the tensor cores, 
                    product never reaches memory.
 int4_linear        x [M, K] (bf16 / fp16 / fp32) × 4-bit codes [N, K/2] with a scale and zero
                    point per group of the input dimension, by token count:
-                   1 token     CUDA-core GEMV on the packed bytes: 0x4B000000 | q is the float
-                               2²³ + q, so one subtraction of (2²³ + z) gives q − z exactly;
-                               x read as its even and odd columns (low and high nibbles), in the
-                               layout the broadcast needs; sums per element, reduced once.
+                   1 token     CUDA-core GEMV on the codes read as 32-bit words: each code is
+                               made the float 1 + q/16 by a shift and one logic op (its 4 bits
+                               under the exponent of 1.0), then one FMA; the 16 and the zero
+                               point come back out once per word and row.  A step loads several
+                               groups of several rows at once (loads in flight).
                    2-16 tokens tensor cores on one 16-row tile: per group
                                    Σ_k x_k (q_k − z) s = s · (Σ_k x_k q_k − z · Σ_k x_k),
                                codes made bf16/fp16 by an OR (0x4300 | q is the bfloat16 128 + q,
