@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from .capture import detach_from_caller, export
-from .errors import EffccError
+from .errors import EffccError, first_line
 from .passes import Pass, default_passes, make_pass
 from .pipeline import apply_pass
 from .program import Program
@@ -274,7 +274,7 @@ def _break_place(reason) -> str:
 
 def _break_cause(reason) -> str:
     """Dynamo's reason in one line: its first, the kind of break (explanation and hints follow in TORCH_LOGS)."""
-    first = (str(getattr(reason, "reason", "")).strip().splitlines() or ["cause not given"])[0]
+    first = first_line(str(getattr(reason, "reason", "")), limit=10_000) or "cause not given"
     if first.startswith("generic_jump"):  # Dynamo's name for a Python branch on a tensor's value
         return f"data-dependent branching, a Python branch on a tensor's value ({first})"
     return first
@@ -339,8 +339,7 @@ def program_from_dynamo_graph(
     try:
         ep = export(holder, args, dynamic_shapes=dynamic if any(dynamic) else None)
     except Exception as error:  # noqa: BLE001
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise _Unsupported(f"graph could not be captured at ATen level ({type(error).__name__}: {first[:200]})") from error
+        raise _Unsupported(f"graph could not be captured at ATen level ({type(error).__name__}: {first_line(error, 200)})") from error
     program_gm = ep.module()
     if not keep_parameters:
         detach_from_caller(program_gm)

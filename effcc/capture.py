@@ -15,7 +15,7 @@ from torch import nn
 from torch.export import Dim
 from torch.utils._pytree import tree_map
 
-from .errors import CaptureError
+from .errors import CaptureError, first_line
 from .program import Program
 
 
@@ -134,7 +134,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None, *, dynami
         spec = None
         notes.append(
             "captured with the example inputs' exact shapes (dynamic capture failed: "
-            f"{_first_line(dynamic_failure)}); other shapes need a new optimize()"
+            f"{first_line(dynamic_failure)}); other shapes need a new optimize()"
         )
     gm = ep.module()
     if detach:
@@ -204,14 +204,15 @@ def _aliases(node: torch.fx.Node) -> bool:
     return schema.is_mutable or any(ret.alias_info is not None for ret in schema.returns)
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:300]
-
-
 def _capture_error(model: nn.Module, error: Exception) -> CaptureError:
-    return CaptureError(
-        f"could not capture {type(model).__name__} with torch.export: {type(error).__name__}: {_first_line(error)}. "
-        "Check that the example inputs are what forward() takes (a tuple of positional arguments), "
-        "and for Hugging Face models build them with use_cache=False."
-    )
+    if "data-dependent" in str(error) or "DataDependent" in type(error).__name__:
+        hint = (
+            "forward() branches on a tensor's value, which one graph cannot hold: write the branch with torch.cond, "
+            "or use torch.compile(model, backend='effcc'), which rewrites the graphs on either side of the branch."
+        )
+    else:
+        hint = (
+            "Check that the example inputs are what forward() takes (a tuple of positional arguments), "
+            "and for Hugging Face models build them with use_cache=False."
+        )
+    return CaptureError(f"could not capture {type(model).__name__} with torch.export: {type(error).__name__}: {first_line(error)}. {hint}")

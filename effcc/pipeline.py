@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import CaptureError, EffccError, VerificationError
+from .errors import CaptureError, EffccError, VerificationError, first_line
 from .passes import Guarantee, Pass, SiteLog
 from .program import Program, graph_tensors
 from .progress import steps
@@ -151,13 +151,12 @@ def _run(what: str, program: Program, eager_model: nn.Module | None = None):
             return reference_outputs(eager_model, program.example_args, program.example_kwargs)
         return program.run_float64()
     except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         hint = (
             "It runs in its own dtype, so an op it uses has no float64 form or its code breaks in float64; effcc checks "
             "every rewrite against the model in float64: verify=False (--no-verify) rewrites it without those checks"
             if _runs_as_given(program, eager_model) else "Are the example inputs what the model takes?"
         )
-        raise CaptureError(f"{what}: {type(error).__name__}: {first[:300]}. {hint}") from error
+        raise CaptureError(f"{what}: {type(error).__name__}: {first_line(error)}. {hint}") from error
 
 
 def _runs_as_given(program: Program, eager_model: nn.Module | None) -> bool:

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .blocks import compile_by_block
 from .capture import export
+from .errors import first_line
 from .ops.prefix_attention import PackedLayout, move_together
 from .passes.shared_prefix import PackedGraph, SharedPrefixError, pack_for_groups
 
@@ -251,7 +252,7 @@ def _export_any_length(model, kwargs, dynamic, ids_name):
         exported = export(model, (), kwargs, dynamic)
     except Exception as error:
         raise SharedPrefixError(
-            f"could not capture {type(model).__name__} for grouped runs: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            f"could not capture {type(model).__name__} for grouped runs: {type(error).__name__}: {first_line(error)}"
         ) from error
     ids = next(n for n in exported.graph.find_nodes(op="placeholder") if n.name == ids_name)
     if isinstance(ids.meta["val"].shape[1], int):
@@ -269,7 +270,7 @@ def _sdpa_attention(model: nn.Module):
             model.set_attn_implementation("sdpa")
         except (ValueError, ImportError) as error:  # transformers has no SDPA form of this model's attention
             raise SharedPrefixError(
-                f"{type(model).__name__} has no scaled_dot_product_attention form in transformers ({str(error).splitlines()[0][:160]}); "
+                f"{type(model).__name__} has no scaled_dot_product_attention form in transformers ({first_line(error, 160)}); "
                 "grouped runs split that op, so attention computed another way (Gemma 2's soft-capped scores, for one) cannot be grouped"
             ) from error
     try:

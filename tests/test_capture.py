@@ -136,3 +136,22 @@ def test_falcon_linears_and_in_place_residual_are_rewritten():
     calibration = [(token_ids(seed=s),) for s in range(2)]
     quantised = effcc.optimize(model, (token_ids(),), passes=["quantize_w8a8"], calibration=calibration)
     assert len(quantised.passes[0].changed) == 8  # 4 linears per layer; the LM head stays in full precision
+
+
+def test_quoted_library_errors_keep_their_first_line_only():
+    from effcc.errors import first_line
+
+    coloured = RuntimeError("\x1b[31mshape mismatch\x1b[0m in aten.mm\n  full traceback text\n")
+    assert first_line(coloured) == "shape mismatch in aten.mm"
+    assert first_line(ValueError("")) == "ValueError"  # no message: the type says what happened
+    assert first_line("x" * 500, limit=40) == "x" * 40
+
+
+    class BranchesOnValues(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(effcc.errors.CaptureError, match="could not capture BranchesOnValues with torch.export") as caught:
+        effcc.optimize(BranchesOnValues(), (torch.randn(2, 4),))
+    assert "\n" not in str(caught.value)  # the exporter's several-line message, quoted by its first line
+    assert "torch.cond" in str(caught.value) and "backend='effcc'" in str(caught.value)  # what to do instead

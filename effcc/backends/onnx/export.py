@@ -16,7 +16,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from ...capture import eval_mode
-from ...errors import EffccError, VerificationError
+from ...errors import EffccError, VerificationError, first_line
 from ...verify import Comparison, compare
 
 ONNX_RTOL = 1e-4  # float32 in ONNX Runtime vs float32 in PyTorch: kernel order differs, nothing else
@@ -92,7 +92,7 @@ def _export_failure(error: BaseException, model: nn.Module) -> str:
     chain = [error]
     while chain[-1].__cause__ is not None and len(chain) < 16:
         chain.append(chain[-1].__cause__)
-    first_lines = [re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [type(e).__name__])[0]) for e in chain]
+    first_lines = [first_line(e, limit=10_000) for e in chain]
     reason = first_lines[-1][:400]
     translating = next((m for line in first_lines if (m := re.search(r"translating node %(\w+) .*target=([\w.:]+)", line))), None)
     if translating is None:
