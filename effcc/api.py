@@ -52,7 +52,8 @@ def optimize(
 
     passes: names or (name, {options}) pairs, applied in order; None runs the default
     (exact) passes.  The caller's model and its parameters are never changed.
-    dynamic: keep sizes the model does not specialise on (batch, sequence) symbolic.
+    dynamic: keep sizes the model does not specialise on (batch, sequence) symbolic; images keep
+        their height and width (only their batch size may vary).
     calibration: batches (each a tuple of positional inputs) for passes that need activation
     statistics (smoothquant); read by each such pass on the graph as it is then.
     """

@@ -33,11 +33,15 @@ def eval_mode(model: nn.Module):
 
 
 def automatic_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
-    """Let torch.export decide, dim by dim, which sizes may vary (Dim.AUTO everywhere)."""
+    """Let torch.export decide, dim by dim, which sizes may vary (Dim.AUTO), on every dim of token ids,
+    masks and features, and on the batch dim alone of images and feature maps (floating tensors of
+    four or more dims): a symbolic height and width made Swin's window partitioning take a minute to
+    export (0.3 s with static ones), and deployments fix their resolution."""
 
     def spec(value):
         if isinstance(value, torch.Tensor):
-            return {axis: Dim.AUTO for axis in range(value.dim())}
+            image_like = value.is_floating_point() and value.dim() >= 4
+            return {axis: Dim.AUTO for axis in range(1 if image_like else value.dim())}
         if isinstance(value, (list, tuple)):
             return type(value)(spec(v) for v in value)
         if isinstance(value, dict):

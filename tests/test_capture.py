@@ -155,3 +155,19 @@ def test_quoted_library_errors_keep_their_first_line_only():
         effcc.optimize(BranchesOnValues(), (torch.randn(2, 4),))
     assert "\n" not in str(caught.value)  # the exporter's several-line message, quoted by its first line
     assert "torch.cond" in str(caught.value) and "backend='effcc'" in str(caught.value)  # what to do instead
+
+
+def test_images_keep_their_resolution_and_only_the_batch_varies():
+    from torch.export import Dim
+
+    from effcc.capture import automatic_dynamic_shapes
+
+    model = SmallResNet().eval()
+    spec = automatic_dynamic_shapes(model, (torch.randn(2, 3, 8, 8),), {})
+    assert spec == {"x": {0: Dim.AUTO}}  # height, width and channels static
+    res = effcc.optimize(model, (torch.randn(2, 3, 8, 8),))
+    bigger_batch = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(bigger_batch), model(bigger_batch))
+    ids_spec = automatic_dynamic_shapes(nn.Embedding(10, 4), (torch.zeros(2, 7, dtype=torch.long),), {})
+    assert ids_spec == {"input": {0: Dim.AUTO, 1: Dim.AUTO}}  # token ids: batch and sequence
