@@ -272,8 +272,9 @@ def _int4_gemv_kernel(
         for i in tl.static_range(4):
             x_low = tl.load(x_at + i, mask=x_ok, other=0.0).to(tl.float32)
             x_high = tl.load(x_at + 4 + i, mask=x_ok, other=0.0).to(tl.float32)
-            dot += _one_plus_sixteenth(words, 19 - 4 * i, ONE_BITS) * x_low[None, :, :]
-            dot += _one_plus_sixteenth(high, 19 - 4 * i, ONE_BITS) * x_high[None, :, :]
+            # tl.fma, not `+= a * b`: Triton 3.10 stops contracting those into FMAs by default
+            dot = tl.fma(_one_plus_sixteenth(words, 19 - 4 * i, ONE_BITS), x_low[None, :, :], dot)
+            dot = tl.fma(_one_plus_sixteenth(high, 19 - 4 * i, ONE_BITS), x_high[None, :, :], dot)
             x_sum += x_low + x_high
         acc += scale[:, :, None] * (16.0 * dot - (16.0 + zero)[:, :, None] * x_sum[None, :, :])
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
