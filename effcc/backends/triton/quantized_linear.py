@@ -373,10 +373,13 @@ MMA_TOKENS = 16  # above: dequantise once and use the library GEMM (compute-boun
 
 _int4_gemv = triton.autotune(
     configs=autotune_configs(
-        [  # the best of benchmarks/sweep_int4_gemv.py on an H200 (results/int4_gemv_sweep_h200.json)
+        [  # the best of benchmarks/sweep_int4_gemv.py on an H200 (results/int4_gemv_sweep_h200.json), then three
+            # with one group a step, not yet measured: 80 registers against 128-168 (benchmarks/sass_offline.py),
+            # so more warps an SM to wait on memory, and no shared-memory round trip for the activations
             {"BLOCK_N": bn, "GROUPS_PER_STEP": gs, "SPLIT_K": sk, "num_warps": w, "num_stages": 1}
             for bn, gs, sk, w in [(32, 2, 8, 2), (16, 2, 4, 1), (64, 2, 8, 4), (32, 2, 8, 1), (16, 4, 4, 1), (32, 2, 4, 2),
-                                  (32, 4, 4, 2), (64, 2, 16, 4), (16, 2, 2, 1), (32, 2, 2, 2), (32, 2, 16, 2), (64, 2, 8, 2)]
+                                  (32, 4, 4, 2), (64, 2, 16, 4), (16, 2, 2, 1), (32, 2, 2, 2), (32, 2, 16, 2), (64, 2, 8, 2),
+                                  (16, 1, 4, 1), (16, 1, 8, 1), (32, 1, 8, 2)]
         ],
         {"BLOCK_N": 8, "GROUPS_PER_STEP": 2, "SPLIT_K": 2},
     ),
