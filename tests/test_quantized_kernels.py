@@ -73,6 +73,20 @@ def test_int4_gemm_matches_reference(m, n, k, group, dtype):
     assert _rel(out, want) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("weights_as_a", [False, True], ids=["codes-as-B", "codes-as-A"])
+@pytest.mark.parametrize("m,n,k,group", [(3, 40, 320, 32), (16, 24, 192, 64)] + ([(5, 11008, 4096, 128)] if CUDA else []), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int4_tensor_core_kernel_in_both_operand_orders(m, n, k, group, dtype, weights_as_a):
+    """The 2-16 token kernel with the codes as the first operand (its output tile transposed) or the second."""
+    x = _randn(m, k, seed=4, dtype=dtype)
+    packed, scales, zeros = (t.to(DEVICE) for t in q.quantize_weight_int4(_randn(n, k, seed=5), group))
+    bias = _randn(n, seed=6, dtype=dtype)
+    config = {"BLOCK_M": 16, "BLOCK_N": 64 if CUDA else 16, "SPLIT_K": 2, "WEIGHTS_AS_A": weights_as_a}
+    out = kernels.int4_linear(x, packed, scales.to(dtype), zeros, group, bias, config=config)
+    want = q.w4a16_linear_reference(x.double(), packed, scales.to(dtype).double(), zeros, group, bias.double())
+    assert out.shape == (m, n) and _rel(out, want) <= TOL[dtype]
+
+
 def test_int4_kernel_refuses_group_sizes_it_cannot_run():
     packed, scales, zeros = q.quantize_weight_int4(torch.randn(8, 48), 24)
     with pytest.raises(ValueError, match="group sizes"):

@@ -295,36 +295,63 @@ def _int4_mma_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_qn, stride_sn, stride_zn, stride_cm,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, WEIGHTS_AS_A: tl.constexpr,
 ):
-    """2-16 tokens: tensor-core products of one 16-row tile with the codes, scale per group."""
+    """2-16 tokens: tensor-core products of one 16-row tile with the codes, scale per group.
+
+    WEIGHTS_AS_A: the codes are the first operand, [BLOCK_N, HALF] × x transposed [HALF, BLOCK_M] (the
+    output tile transposed), which Hopper's wgmma reads from registers: the codes are decoded where
+    the product reads them (82 registers and wgmma, against 128 and mma.sync with the codes as the
+    second operand, benchmarks/sass_offline.py).  The autotuner runs both."""
     HALF: tl.constexpr = GROUP // 2
+    IN_FP32: tl.constexpr = DOT_IN_FP32 or X.dtype.element_ty == tl.float32  # exact values, so the same sums
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rh = tl.arange(0, HALF)
     m_ok, n_ok = rm < M, rn < N
     g_start, g_end = _group_range(K, GROUP, SPLIT_K)
-    x_ptrs = X + rm[:, None].to(tl.int64) * stride_xm + 2 * rh[None, :] + g_start * GROUP
-    w_ptrs = QW + rn[None, :].to(tl.int64) * stride_qn + rh[:, None] + g_start * HALF  # bytes [HALF, BLOCK_N]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WEIGHTS_AS_A:
+        x_ptrs = X + rm[None, :].to(tl.int64) * stride_xm + 2 * rh[:, None] + g_start * GROUP  # [HALF, BLOCK_M]
+        w_ptrs = QW + rn[:, None].to(tl.int64) * stride_qn + rh[None, :] + g_start * HALF  # bytes [BLOCK_N, HALF]
+        x_mask, w_mask = m_ok[None, :], n_ok[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        x_ptrs = X + rm[:, None].to(tl.int64) * stride_xm + 2 * rh[None, :] + g_start * GROUP  # [BLOCK_M, HALF]
+        w_ptrs = QW + rn[None, :].to(tl.int64) * stride_qn + rh[:, None] + g_start * HALF  # bytes [HALF, BLOCK_N]
+        x_mask, w_mask = m_ok[:, None], n_ok[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(g_start, g_end):
-        x_even = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-        x_odd = tl.load(x_ptrs + 1, mask=m_ok[:, None], other=0.0)
-        packed = tl.load(w_ptrs, mask=n_ok[None, :], other=0).to(tl.uint16)
+        x_even = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        x_odd = tl.load(x_ptrs + 1, mask=x_mask, other=0.0)
+        packed = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint16)
         low = _offset_codes(packed & 0xF, x_even.dtype)
         high = _offset_codes(packed >> 4, x_even.dtype)
-        if DOT_IN_FP32 or x_even.dtype == tl.float32:  # exact values, so the same sums
-            group_sum = (tl.dot(x_even.to(tl.float32), low.to(tl.float32), input_precision="ieee")
-                         + tl.dot(x_odd.to(tl.float32), high.to(tl.float32), input_precision="ieee"))
+        if WEIGHTS_AS_A:
+            group_sum = _dot(low, x_even, None, IN_FP32) + _dot(high, x_odd, None, IN_FP32)
+            x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=0)
         else:
-            group_sum = tl.dot(x_even, low) + tl.dot(x_odd, high)
-        x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
+            group_sum = _dot(x_even, low, None, IN_FP32) + _dot(x_odd, high, None, IN_FP32)
+            x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
         scale = tl.load(SCALES + rn.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
         zero = tl.load(ZEROS + rn.to(tl.int64) * stride_zn + g, mask=n_ok, other=0).to(tl.float32) + _code_offset(x_even.dtype)
-        acc += (group_sum - x_sum[:, None] * zero[None, :]) * scale[None, :]
+        if WEIGHTS_AS_A:
+            acc += (group_sum - zero[:, None] * x_sum[None, :]) * scale[:, None]
+        else:
+            acc += (group_sum - x_sum[:, None] * zero[None, :]) * scale[None, :]
         x_ptrs += GROUP
         w_ptrs += HALF
+    if WEIGHTS_AS_A:
+        acc = tl.trans(acc)
     store_output_tile(acc, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _dot(a, b, acc, IN_FP32: tl.constexpr):
+    """a · b (+ acc) in float32: on float32 copies with IEEE products where asked (the interpreter, float32
+    activations), the 16-bit operands as they are otherwise."""
+    if IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -388,11 +415,14 @@ _int4_gemv = triton.autotune(
 
 _int4_mma = triton.autotune(
     configs=autotune_configs(
-        [
-            {"BLOCK_M": 16, "BLOCK_N": bn, "SPLIT_K": sk, "num_warps": 4, "num_stages": st}
+        [  # the codes as the second operand: measured on an H100 and an H200
+            {"BLOCK_M": 16, "BLOCK_N": bn, "SPLIT_K": sk, "WEIGHTS_AS_A": False, "num_warps": 4, "num_stages": st}
             for bn, sk, st in [(32, 1, 4), (64, 1, 4), (32, 2, 4), (64, 2, 4), (32, 4, 4), (64, 4, 4), (128, 4, 3), (64, 8, 3), (128, 8, 3)]
+        ] + [  # as the first (wgmma's register operand, 64 rows a warp group): not yet measured
+            {"BLOCK_M": 16, "BLOCK_N": bn, "SPLIT_K": sk, "WEIGHTS_AS_A": True, "num_warps": 4, "num_stages": st}
+            for bn, sk, st in [(64, 2, 3), (64, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3)]
         ],
-        {"BLOCK_M": 16, "BLOCK_N": 16, "SPLIT_K": 2},
+        {"BLOCK_M": 16, "BLOCK_N": 16, "SPLIT_K": 2, "WEIGHTS_AS_A": False},
     ),
     key=["M_BUCKET", "N", "K", "GROUP"],
 )(_int4_mma_kernel)
@@ -431,14 +461,19 @@ def _as_words(qweight: torch.Tensor) -> torch.Tensor:
     return qweight.view(torch.int32)
 
 
-def int4_linear(x, qweight, scales, zeros, group_size: int, bias) -> torch.Tensor:
-    """x [M, K] × 4-bit weight [N, K] (packed [N, K/2], scales/zeros [N, K/g]) → [M, N] in x's dtype."""
+def int4_linear(x, qweight, scales, zeros, group_size: int, bias, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] × 4-bit weight [N, K] (packed [N, K/2], scales/zeros [N, K/g]) → [M, N] in x's dtype.
+
+    config: one configuration of the decode kernel for this token count (its tl.constexpr values,
+    num_warps, num_stages) in place of autotuning: for tests and sweeps."""
     m, k = x.shape
     n = qweight.shape[0]
     if not takes_group_size(group_size):
         raise ValueError(f"the int4 kernels take group sizes that are multiples of 32 up to 256, not {group_size}")
     if k % group_size or qweight.shape[1] * 2 != k:
         raise ValueError(f"input width {k} does not match the packed weight ({qweight.shape[1] * 2} columns in groups of {group_size})")
+    if config and (config["SPLIT_K"] > _INT4_MAX_SPLIT or config["BLOCK_N"] < _INT4_SMALLEST_BLOCK_N):
+        raise ValueError(f"config {config}: at most {_INT4_MAX_SPLIT} splits and at least {_INT4_SMALLEST_BLOCK_N} rows a block")
     if m > MMA_TOKENS:
         return torch.nn.functional.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype), bias)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -450,11 +485,13 @@ def int4_linear(x, qweight, scales, zeros, group_size: int, bias) -> torch.Tenso
     def launch(kernel, grid, weight, *extra, **meta):
         kernel[grid](x, weight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
                      m, n, k, m_bucket(m), x.stride(0), weight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0), *extra,
-                     GROUP=group_size, HAS_BIAS=bias is not None, **meta)
+                     GROUP=group_size, HAS_BIAS=bias is not None, **meta, **(config or {}))
 
     if m <= GEMV_TOKENS:
-        launch(_int4_gemv, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"]), _as_words(qweight), FLOAT_ONE_BITS, BLOCK_M=1)
+        gemv = _int4_gemv if config is None else _int4_gemv_kernel
+        launch(gemv, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"]), _as_words(qweight), FLOAT_ONE_BITS, BLOCK_M=1)
     else:
-        launch(_int4_mma, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]),
+        mma = _int4_mma if config is None else _int4_mma_kernel
+        launch(mma, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]),
                qweight, DOT_IN_FP32=INTERPRETING)
     return out
