@@ -1,12 +1,14 @@
-"""Configurations of effcc's one-token int4 GEMV kernel, swept on the GPU (how its autotuning list was chosen).
+"""Configurations of effcc's int4 decode kernels, swept on the GPU (how their autotuning lists were chosen).
 
-    python benchmarks/sweep_int4_gemv.py [--out benchmarks/results/int4_gemv_sweep.json]
+    python benchmarks/sweep_int4_gemv.py [--tokens 1,4,16] [--out benchmarks/results/int4_gemv_sweep.json]
 
 For each LLaMA-7B linear shape (out × in: 4096 × 4096, 11008 × 4096, 4096 × 11008; groups of 128,
-bfloat16 activations and scales) and each configuration: the time of one call, as a CUDA graph
-cycling through enough weight copies to overflow L2 (every call reads its weights from device
-memory), its achieved weight bandwidth as a share of a device-to-device copy, its speed-up over
-bf16 cuBLAS on the same shape, and its largest error against the float64 reference.
+bfloat16 activations and scales), each token count and each configuration of the kernel that runs
+it (one token: the CUDA-core GEMV; 2-16: the tensor-core kernel, with the codes as either operand):
+the time of one call, as a CUDA graph cycling through enough weight copies to overflow L2 (every
+call reads its weights from device memory), its achieved weight bandwidth as a share of a
+device-to-device copy, its speed-up over bf16 cuBLAS on the same shape, and its largest error
+against the float64 reference.
 """
 
 from __future__ import annotations
@@ -28,18 +30,27 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 GROUP = 128
 
 
-def configurations() -> list[dict]:
-    """Tiles that give each thread 8 or 16 words (the tile's words over the program's threads; 32 were slower)."""
+def gemv_configurations() -> list[dict]:
+    """One token: tiles that give each thread 8 or 16 words (the tile's words over the program's threads; 32 were slower)."""
     out = []
-    for block_n, per_step, split, warps in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (2, 4, 8, 16, 32), (1, 2, 4, 8)):
+    for block_n, per_step, split, warps in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (2, 4, 8, 16), (1, 2, 4, 8)):
         words_per_thread = block_n * per_step * (GROUP // 8) // (32 * warps)
         if words_per_thread in (8, 16):
             out.append({"BLOCK_N": block_n, "GROUPS_PER_STEP": per_step, "SPLIT_K": split, "num_warps": warps, "num_stages": 1})
     return out
 
 
+def mma_configurations() -> list[dict]:
+    """2-16 tokens: one 16-row tile; the codes as wgmma's register operand need 64 rows a warp group."""
+    out = []
+    for block_n, split, stages, weights_as_a in itertools.product((32, 64, 128), (1, 2, 4, 8, 16), (3, 4), (False, True)):
+        if not (weights_as_a and block_n < 64):
+            out.append({"BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split, "WEIGHTS_AS_A": weights_as_a, "num_warps": 4, "num_stages": stages})
+    return out
+
+
 def random_int4_weights(n: int, k: int, copies: int, generator) -> list[tuple]:
-    """Uniform codes, zero points and positive scales: the kernel's cost does not depend on the values."""
+    """Uniform codes, zero points and positive scales: the kernels' cost does not depend on the values."""
     out = []
     for _ in range(copies):
         packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=generator)
@@ -49,65 +60,48 @@ def random_int4_weights(n: int, k: int, copies: int, generator) -> list[tuple]:
     return out
 
 
-def launcher(x, weight, out, config):
-    """A closure launching the kernel with `config` on one weight copy (packed, scales, zeros)."""
-    packed, scales, zeros = weight
-    n, k = packed.shape[0], x.shape[1]
-    partial = torch.empty(config["SPLIT_K"] * n, dtype=torch.float32, device="cuda")
-    arrived = torch.zeros(triton.cdiv(n, config["BLOCK_N"]), dtype=torch.int32, device="cuda")
-    meta = dict(config)
-    grid = (triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"])
-
-    words = packed.view(torch.int32)
-
-    def call():
-        kernels._int4_gemv_kernel[grid](
-            x, words, scales, zeros, scales, out, partial, arrived, 1, n, k, 1,
-            x.stride(0), words.stride(0), scales.stride(0), zeros.stride(0), out.stride(0), kernels.FLOAT_ONE_BITS,
-            GROUP=GROUP, HAS_BIAS=False, BLOCK_M=1, **meta)
-
-    return call
+def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator) -> dict:
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=generator)
+    dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(copies_for(n * k * 2))]
+    bf16_ms = time_rotating([lambda w=w, x=x: x @ w.t() for w in dense])
+    del dense
+    int4_bytes = n * k // 2 + 3 * n * (k // GROUP)
+    weights = random_int4_weights(n, k, copies_for(int4_bytes), generator)
+    packed, scales, zeros = weights[0]
+    want = q.w4a16_linear_reference(x.double(), packed, scales.double(), zeros, GROUP, None)
+    shape = {"M": tokens, "N": n, "K": k, "bf16_cublas_ms": bf16_ms, "weight_bytes_int4": int4_bytes, "configs": []}
+    for config in gemv_configurations() if tokens <= kernels.GEMV_TOKENS else mma_configurations():
+        try:
+            got = kernels.int4_linear(x, *weights[0], GROUP, None, config=config)
+            error = ((got.double() - want).abs().max() / want.abs().max()).item()
+            ms = time_rotating([lambda w=w, c=config: kernels.int4_linear(x, *w, GROUP, None, config=c) for w in weights], rep_ms=100)
+        except OutOfResources as exc:
+            shape["configs"].append({**config, "skipped": str(exc)[:80]})
+            continue
+        shape["configs"].append({**config, "ms": ms, "speedup_vs_bf16": bf16_ms / ms,
+                                 "bandwidth_share_of_copy": int4_bytes / (ms * 1e-3) / copy_bw, "max_rel_error": error})
+    timed = sorted((c for c in shape["configs"] if "ms" in c), key=lambda c: c["ms"])
+    print(f"M={tokens} {n}x{k}: bf16 {bf16_ms * 1e3:.1f} us; best int4:", flush=True)
+    for c in timed[:6]:
+        knobs = " ".join(f"{key}={value}" for key, value in c.items() if key.isupper() or key == "num_warps")
+        print(f"  {c['ms'] * 1e3:6.1f} us  {c['speedup_vs_bf16']:.2f}x  {100 * c['bandwidth_share_of_copy']:.0f}% of copy  "
+              f"err {c['max_rel_error']:.1e}  {knobs}", flush=True)
+    return shape
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="1", help="comma-separated token counts (1: the GEMV; 2-16: the tensor-core kernel)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int4_gemv_sweep.json")
     args = parser.parse_args()
     copy_bw = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "copy_bandwidth_gb_s": copy_bw / 1e9, "group_size": GROUP, "shapes": []}
     print(f"{results['device']}: copy {copy_bw / 1e9:.0f} GB/s", flush=True)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for n, k in SHAPES:
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=g)
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(copies_for(n * k * 2))]
-        bf16_ms = time_rotating([lambda w=w, x=x: x @ w.t() for w in dense])
-        del dense
-        int4_bytes = n * k // 2 + 3 * n * (k // GROUP)
-        weights = random_int4_weights(n, k, copies_for(int4_bytes), g)
-        packed, scales, zeros = weights[0]
-        want = q.w4a16_linear_reference(x.double(), packed, scales.double(), zeros, GROUP, None)
-        shape = {"N": n, "K": k, "bf16_cublas_ms": bf16_ms, "weight_bytes_int4": int4_bytes, "configs": []}
-        for config in configurations():
-            out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-            calls = [launcher(x, w, out, config) for w in weights]
-            try:
-                calls[0]()
-                error = ((out.double() - want).abs().max() / want.abs().max()).item()
-                ms = time_rotating(calls, rep_ms=100)
-            except OutOfResources as exc:
-                shape["configs"].append({**config, "skipped": str(exc)[:80]})
-                continue
-            row = {**config, "ms": ms, "speedup_vs_bf16": bf16_ms / ms, "bandwidth_share_of_copy": int4_bytes / (ms * 1e-3) / copy_bw,
-                   "max_rel_error": error}
-            shape["configs"].append(row)
-        timed = sorted((c for c in shape["configs"] if "ms" in c), key=lambda c: c["ms"])
-        print(f"{n}x{k}: bf16 {bf16_ms * 1e3:.1f} us; best int4:", flush=True)
-        for c in timed[:6]:
-            print(f"  {c['ms'] * 1e3:6.1f} us  {c['speedup_vs_bf16']:.2f}x  {100 * c['bandwidth_share_of_copy']:.0f}% of copy  err {c['max_rel_error']:.1e}  "
-                  f"BLOCK_N={c['BLOCK_N']} GPS={c['GROUPS_PER_STEP']} SPLIT_K={c['SPLIT_K']} warps={c['num_warps']} ", flush=True)
-        results["shapes"].append(shape)
-        del weights
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        for n, k in SHAPES:
+            results["shapes"].append(sweep_shape(n, k, tokens, copy_bw, generator))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -87,6 +87,17 @@ def test_int4_tensor_core_kernel_in_both_operand_orders(m, n, k, group, dtype, w
     assert out.shape == (m, n) and _rel(out, want) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("config", [{"BLOCK_N": 16, "GROUPS_PER_STEP": 1, "SPLIT_K": 1}, {"BLOCK_N": 32, "GROUPS_PER_STEP": 4, "SPLIT_K": 3}],
+                         ids=["one-group-a-step", "four-groups-three-splits"])
+def test_int4_gemv_configurations(config):
+    """Tiles of one or several groups a step (other layouts of the activations), splits that do not divide the groups."""
+    x = _randn(1, 640, seed=4)
+    packed, scales, zeros = (t.to(DEVICE) for t in q.quantize_weight_int4(_randn(40, 640, seed=5), 64))
+    out = kernels.int4_linear(x, packed, scales, zeros, 64, None, config={**config, "num_warps": 1 if CUDA else 4})
+    want = q.w4a16_linear_reference(x.double(), packed, scales.double(), zeros, 64, None)
+    assert _rel(out, want) <= TOL[torch.float32]
+
+
 def test_int4_kernel_refuses_group_sizes_it_cannot_run():
     packed, scales, zeros = q.quantize_weight_int4(torch.randn(8, 48), 24)
     with pytest.raises(ValueError, match="group sizes"):

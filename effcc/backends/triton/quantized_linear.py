@@ -302,7 +302,8 @@ def _int4_mma_kernel(
     WEIGHTS_AS_A: the codes are the first operand, [BLOCK_N, HALF] × x transposed [HALF, BLOCK_M] (the
     output tile transposed), which Hopper's wgmma reads from registers: the codes are decoded where
     the product reads them (82 registers and wgmma, against 128 and mma.sync with the codes as the
-    second operand, benchmarks/sass_offline.py).  The autotuner runs both."""
+    second operand, benchmarks/sass_offline.py); not yet run on a GPU, so not yet among the autotuner's
+    configurations."""
     HALF: tl.constexpr = GROUP // 2
     IN_FP32: tl.constexpr = DOT_IN_FP32 or X.dtype.element_ty == tl.float32  # exact values, so the same sums
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -400,13 +401,10 @@ MMA_TOKENS = 16  # above: dequantise once and use the library GEMM (compute-boun
 
 _int4_gemv = triton.autotune(
     configs=autotune_configs(
-        [  # the best of benchmarks/sweep_int4_gemv.py on an H200 (results/int4_gemv_sweep_h200.json), then three
-            # with one group a step, not yet measured: 80 registers against 128-168 (benchmarks/sass_offline.py),
-            # so more warps an SM to wait on memory, and no shared-memory round trip for the activations
+        [  # the best of benchmarks/sweep_int4_gemv.py on an H200 (results/int4_gemv_sweep_h200.json)
             {"BLOCK_N": bn, "GROUPS_PER_STEP": gs, "SPLIT_K": sk, "num_warps": w, "num_stages": 1}
             for bn, gs, sk, w in [(32, 2, 8, 2), (16, 2, 4, 1), (64, 2, 8, 4), (32, 2, 8, 1), (16, 4, 4, 1), (32, 2, 4, 2),
-                                  (32, 4, 4, 2), (64, 2, 16, 4), (16, 2, 2, 1), (32, 2, 2, 2), (32, 2, 16, 2), (64, 2, 8, 2),
-                                  (16, 1, 4, 1), (16, 1, 8, 1), (32, 1, 8, 2)]
+                                  (32, 4, 4, 2), (64, 2, 16, 4), (16, 2, 2, 1), (32, 2, 2, 2), (32, 2, 16, 2), (64, 2, 8, 2)]
         ],
         {"BLOCK_N": 8, "GROUPS_PER_STEP": 2, "SPLIT_K": 2},
     ),
@@ -415,12 +413,10 @@ _int4_gemv = triton.autotune(
 
 _int4_mma = triton.autotune(
     configs=autotune_configs(
-        [  # the codes as the second operand: measured on an H100 and an H200
+        [  # the codes as the second operand, measured on an H100 and an H200; WEIGHTS_AS_A joins this list once
+            # it has run on a GPU (tests/test_quantized_kernels.py, benchmarks/sweep_int4_gemv.py --tokens 4,16)
             {"BLOCK_M": 16, "BLOCK_N": bn, "SPLIT_K": sk, "WEIGHTS_AS_A": False, "num_warps": 4, "num_stages": st}
             for bn, sk, st in [(32, 1, 4), (64, 1, 4), (32, 2, 4), (64, 2, 4), (32, 4, 4), (64, 4, 4), (128, 4, 3), (64, 8, 3), (128, 8, 3)]
-        ] + [  # as the first (wgmma's register operand, 64 rows a warp group): not yet measured
-            {"BLOCK_M": 16, "BLOCK_N": bn, "SPLIT_K": sk, "WEIGHTS_AS_A": True, "num_warps": 4, "num_stages": st}
-            for bn, sk, st in [(64, 2, 3), (64, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3)]
         ],
         {"BLOCK_M": 16, "BLOCK_N": 16, "SPLIT_K": 2, "WEIGHTS_AS_A": False},
     ),
@@ -472,15 +468,14 @@ def int4_linear(x, qweight, scales, zeros, group_size: int, bias, config: dict |
         raise ValueError(f"the int4 kernels take group sizes that are multiples of 32 up to 256, not {group_size}")
     if k % group_size or qweight.shape[1] * 2 != k:
         raise ValueError(f"input width {k} does not match the packed weight ({qweight.shape[1] * 2} columns in groups of {group_size})")
-    if config and (config["SPLIT_K"] > _INT4_MAX_SPLIT or config["BLOCK_N"] < _INT4_SMALLEST_BLOCK_N):
-        raise ValueError(f"config {config}: at most {_INT4_MAX_SPLIT} splits and at least {_INT4_SMALLEST_BLOCK_N} rows a block")
     if m > MMA_TOKENS:
         return torch.nn.functional.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype), bias)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    partial = torch.empty((_INT4_MAX_SPLIT * m * n,), dtype=torch.float32, device=x.device)
-    arrived = arrival_counters(x.device, triton.cdiv(n, _INT4_SMALLEST_BLOCK_N))
+    splits, smallest_block = (config["SPLIT_K"], config["BLOCK_N"]) if config else (_INT4_MAX_SPLIT, _INT4_SMALLEST_BLOCK_N)
+    partial = torch.empty((splits * m * n,), dtype=torch.float32, device=x.device)
+    arrived = arrival_counters(x.device, triton.cdiv(n, smallest_block))
 
     def launch(kernel, grid, weight, *extra, **meta):
         kernel[grid](x, weight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
