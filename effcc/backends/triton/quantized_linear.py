@@ -301,7 +301,7 @@ def _int4_mma_kernel(
 
     WEIGHTS_AS_A: the codes are the first operand, [BLOCK_N, HALF] × x transposed [HALF, BLOCK_M] (the
     output tile transposed), which Hopper's wgmma reads from registers: the codes are decoded where
-    the product reads them (82 registers and wgmma, against 128 and mma.sync with the codes as the
+    the product reads them (92 registers and wgmma, against 128 and mma.sync with the codes as the
     second operand, benchmarks/sass_offline.py); not yet run on a GPU, so not yet among the autotuner's
     configurations."""
     HALF: tl.constexpr = GROUP // 2
