@@ -301,9 +301,10 @@ def _int4_mma_kernel(
 
     WEIGHTS_AS_A: the codes are the first operand, [BLOCK_N, HALF] × x transposed [HALF, BLOCK_M] (the
     output tile transposed), which Hopper's wgmma reads from registers: the codes are decoded where
-    the product reads them (92 registers and wgmma, against 128 and mma.sync with the codes as the
-    second operand, benchmarks/sass_offline.py); not yet run on a GPU, so not yet among the autotuner's
-    configurations."""
+    the product reads them.  Compiled for sm_90 (benchmarks/sass_offline.py, 64 × 16 tiles): by Triton
+    3.9, wgmma with 92 registers and 6.2 instructions a weight against mma.sync with 128 and 8.0; by
+    3.6, 127 and 7.8 against 96 and 7.7 (the activations' group sums become shuffles).  Not yet run
+    on a GPU, so not yet among the autotuner's configurations."""
     HALF: tl.constexpr = GROUP // 2
     IN_FP32: tl.constexpr = DOT_IN_FP32 or X.dtype.element_ty == tl.float32  # exact values, so the same sums
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
