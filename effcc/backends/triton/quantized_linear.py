@@ -301,10 +301,11 @@ def _int4_mma_kernel(
 
     WEIGHTS_AS_A: the codes are the first operand, [BLOCK_N, HALF] × x transposed [HALF, BLOCK_M] (the
     output tile transposed), which Hopper's wgmma reads from registers: the codes are decoded where
-    the product reads them.  Compiled for sm_90 (benchmarks/sass_offline.py, 64 × 16 tiles): by Triton
-    3.9, wgmma with 92 registers and 6.2 instructions a weight against mma.sync with 128 and 8.0; by
-    3.6, 127 and 7.8 against 96 and 7.7 (the activations' group sums become shuffles).  Not yet run
-    on a GPU, so not yet among the autotuner's configurations."""
+    the product reads them, and the activations' group sums are products with ones (a reduction
+    across the tile's threads made them shuffles).  Compiled for sm_90 (benchmarks/sass_offline.py,
+    64 × 16 tiles), per weight in the loop: by Triton 3.6 (the GPU machine's) wgmma, 92 registers and
+    7.0 instructions against mma.sync, 96 and 7.7; by 3.9, 80 and 6.0 against 128 and 8.0.  Not yet
+    run on a GPU, so not yet among the autotuner's configurations."""
     HALF: tl.constexpr = GROUP // 2
     IN_FP32: tl.constexpr = DOT_IN_FP32 or X.dtype.element_ty == tl.float32  # exact values, so the same sums
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -330,14 +331,16 @@ def _int4_mma_kernel(
         high = _offset_codes(packed >> 4, x_even.dtype)
         if WEIGHTS_AS_A:
             group_sum = _dot(low, x_even, None, IN_FP32) + _dot(high, x_odd, None, IN_FP32)
-            x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=0)
+            # the group's sums of x by the tensor cores too, every row alike: in the product's own layout, no shuffles
+            ones = tl.full((BLOCK_N, HALF), 1.0, x_even.dtype)
+            x_sum = _dot(ones, x_even, _dot(ones, x_odd, None, IN_FP32), IN_FP32)
         else:
             group_sum = _dot(x_even, low, None, IN_FP32) + _dot(x_odd, high, None, IN_FP32)
             x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
         scale = tl.load(SCALES + rn.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
         zero = tl.load(ZEROS + rn.to(tl.int64) * stride_zn + g, mask=n_ok, other=0).to(tl.float32) + _code_offset(x_even.dtype)
         if WEIGHTS_AS_A:
-            acc += (group_sum - zero[:, None] * x_sum[None, :]) * scale[:, None]
+            acc += (group_sum - zero[:, None] * x_sum) * scale[:, None]
         else:
             acc += (group_sum - x_sum[:, None] * zero[None, :]) * scale[None, :]
         x_ptrs += GROUP
