@@ -8,10 +8,10 @@ Triton's wheel carries ptxas, nvdisasm and cuobjdump.
         --types X=*bf16,QW=*i32,SCALES=*bf16,ZEROS=*u8,BIAS=*bf16,C=*bf16,PARTIAL=*fp32,ARRIVED=*i32 \\
         --constexprs GROUP=128,HAS_BIAS=0,BLOCK_M=1,BLOCK_N=16,GROUPS_PER_STEP=2,SPLIT_K=2 --warps 1
 
-To compile with the Triton a GPU machine has (its spills can differ: the prefix-attention dK/dV
-kernel spills 8-944 bytes a thread under Triton 3.6 at D = 64 and less under 3.9), put that version
-first on the path: pip install --no-deps --target /tmp/triton36 triton==3.6.0, then run with
-PYTHONPATH=/tmp/triton36.
+To compile with the Triton a GPU machine has (spills can differ: the prefix-attention dK/dV kernel
+spills up to 944 bytes a thread under Triton 3.6 at D = 64, less under 3.9; the loops say where the
+reloads are, LDL: there, between its inner loops, not in them), put that version first on the path:
+pip install --no-deps --target /tmp/triton36 triton==3.6.0, then run with PYTHONPATH=/tmp/triton36.
 
 Arguments not named in --types are 32-bit integers; pointers and integers are taken as multiples of
 16 (as Triton specialises them at run time for aligned tensors and strides).  Timing still needs the
@@ -92,9 +92,9 @@ def main() -> None:
     total = sum(1 for line in sass.splitlines() if INSTRUCTION.search(line))
     print(f"{args.kernel} for sm_{args.arch}, {args.warps} warps: {total} instructions; {usage}")
     for label, ops in loops(sass):
-        memory = {op: ops[op] for op in ("LDG", "STG", "LDS", "STS", "STSM", "BAR", "ATOMG", "RED") if ops[op]}
+        memory = {op: ops[op] for op in ("LDG", "STG", "LDS", "STS", "STSM", "LDL", "STL", "BAR", "ATOMG", "RED") if ops[op]}
         top = ", ".join(f"{op} {n}" for op, n in ops.most_common(10))
-        print(f"  loop {label}: {sum(ops.values())} instructions ({top}); memory and barriers {memory}")
+        print(f"  loop {label}: {sum(ops.values())} instructions ({top}); memory (LDL/STL: spills) and barriers {memory}")
 
 
 if __name__ == "__main__":
