@@ -35,21 +35,22 @@ def eval_mode(model: nn.Module):
 def automatic_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
     """Let torch.export decide, dim by dim, which sizes may vary (Dim.AUTO), on every dim of token ids,
     masks and features, and on the batch dim alone of images and feature maps (floating tensors of
-    four or more dims): a symbolic height and width made Swin's window partitioning take a minute to
-    export (0.3 s with static ones), and deployments fix their resolution."""
+    four or more dims not named as masks): a symbolic height and width made Swin's window
+    partitioning take a minute to export (0.3 s with static ones), and deployments fix their
+    resolution."""
 
-    def spec(value):
+    def spec(value, name: str):
         if isinstance(value, torch.Tensor):
-            image_like = value.is_floating_point() and value.dim() >= 4
+            image_like = value.is_floating_point() and value.dim() >= 4 and "mask" not in name.lower()
             return {axis: Dim.AUTO for axis in range(1 if image_like else value.dim())}
         if isinstance(value, (list, tuple)):
-            return type(value)(spec(v) for v in value)
+            return type(value)(spec(v, name) for v in value)
         if isinstance(value, dict):
-            return {k: spec(v) for k, v in value.items()}
+            return {k: spec(v, f"{name}.{k}") for k, v in value.items()}
         return None
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {name: spec(value) for name, value in bound.arguments.items()}
+    return {name: spec(value, name) for name, value in bound.arguments.items()}
 
 
 def detach_from_caller(gm: torch.fx.GraphModule) -> None:

@@ -171,3 +171,10 @@ def test_images_keep_their_resolution_and_only_the_batch_varies():
         torch.testing.assert_close(res.model(bigger_batch), model(bigger_batch))
     ids_spec = automatic_dynamic_shapes(nn.Embedding(10, 4), (torch.zeros(2, 7, dtype=torch.long),), {})
     assert ids_spec == {"input": {0: Dim.AUTO, 1: Dim.AUTO}}  # token ids: batch and sequence
+
+    class WithFloatMask(nn.Module):  # a 4-D float attention mask [batch, 1, query, key] is no image
+        def forward(self, hidden, attention_mask):
+            return hidden + attention_mask.sum(dim=(1, 3))[..., None]
+
+    mask_spec = automatic_dynamic_shapes(WithFloatMask(), (torch.randn(2, 5, 4), torch.zeros(2, 1, 5, 5)), {})
+    assert mask_spec == {"hidden": {0: Dim.AUTO, 1: Dim.AUTO, 2: Dim.AUTO}, "attention_mask": {a: Dim.AUTO for a in range(4)}}
