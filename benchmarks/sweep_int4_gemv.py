@@ -4,7 +4,8 @@
 
 For each LLaMA-7B linear shape (out × in: 4096 × 4096, 11008 × 4096, 4096 × 11008; groups of 128,
 bfloat16 activations and scales), each token count and each configuration of the kernel that runs
-it (one token: the CUDA-core GEMV; 2-16: the tensor-core kernel, with the codes as either operand):
+it (one token: the CUDA-core GEMV, and the tensor-core kernel with the codes as its first operand;
+2-16: the tensor-core kernel, with the codes as either operand):
 the time of one call, as a CUDA graph cycling through enough weight copies to overflow L2 (every
 call reads its weights from device memory), its achieved weight bandwidth as a share of a
 device-to-device copy, its speed-up over bf16 cuBLAS on the same shape, and its largest error
@@ -40,10 +41,10 @@ def gemv_configurations() -> list[dict]:
     return out
 
 
-def mma_configurations() -> list[dict]:
+def mma_configurations(codes_as_a_only: bool = False) -> list[dict]:
     """2-16 tokens: one 16-row tile; the codes as wgmma's register operand need 64 rows a warp group."""
     out = []
-    for block_n, split, stages, weights_as_a in itertools.product((32, 64, 128), (1, 2, 4, 8, 16), (3, 4), (False, True)):
+    for block_n, split, stages, weights_as_a in itertools.product((32, 64, 128), (1, 2, 4, 8, 16), (3, 4), (True,) if codes_as_a_only else (False, True)):
         if not (weights_as_a and block_n < 64):
             out.append({"BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split, "WEIGHTS_AS_A": weights_as_a, "num_warps": 4, "num_stages": stages})
     return out
@@ -70,13 +71,20 @@ def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator) -> dict:
     packed, scales, zeros = weights[0]
     want = q.w4a16_linear_reference(x.double(), packed, scales.double(), zeros, GROUP, None)
     shape = {"M": tokens, "N": n, "K": k, "bf16_cublas_ms": bf16_ms, "weight_bytes_int4": int4_bytes, "configs": []}
-    for config in gemv_configurations() if tokens <= kernels.GEMV_TOKENS else mma_configurations():
+    # one token: the GEMV's tiles, and the tensor cores with the codes as wgmma's register operand
+    # (the other operand order is about as fast at 1 as at 4 tokens: results/quantized_kernels_h200.json)
+    configs = gemv_configurations() + mma_configurations(codes_as_a_only=True) if tokens <= kernels.GEMV_TOKENS else mma_configurations()
+    for config in configs:
         try:
             got = kernels.int4_linear(x, *weights[0], GROUP, None, config=config)
             error = ((got.double() - want).abs().max() / want.abs().max()).item()
             ms = time_rotating([lambda w=w, c=config: kernels.int4_linear(x, *w, GROUP, None, config=c) for w in weights], rep_ms=100)
         except OutOfResources as exc:
             shape["configs"].append({**config, "skipped": str(exc)[:80]})
+            continue
+        except Exception as exc:  # a configuration that fails to compile or run is reported, the sweep goes on
+            print(f"  failed: {config}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            shape["configs"].append({**config, "failed": f"{type(exc).__name__}: {str(exc)[:200]}"})
             continue
         shape["configs"].append({**config, "ms": ms, "speedup_vs_bf16": bf16_ms / ms,
                                  "bandwidth_share_of_copy": int4_bytes / (ms * 1e-3) / copy_bw, "max_rel_error": error})

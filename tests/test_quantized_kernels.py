@@ -74,10 +74,11 @@ def test_int4_gemm_matches_reference(m, n, k, group, dtype):
 
 
 @pytest.mark.parametrize("weights_as_a", [False, True], ids=["codes-as-B", "codes-as-A"])
-@pytest.mark.parametrize("m,n,k,group", [(3, 40, 320, 32), (16, 24, 192, 64)] + ([(5, 11008, 4096, 128)] if CUDA else []), ids=str)
+@pytest.mark.parametrize("m,n,k,group", [(1, 40, 320, 32), (3, 40, 320, 32), (16, 24, 192, 64)] + ([(1, 4096, 4096, 128), (5, 11008, 4096, 128)] if CUDA else []), ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_int4_tensor_core_kernel_in_both_operand_orders(m, n, k, group, dtype, weights_as_a):
-    """The 2-16 token kernel with the codes as the first operand (its output tile transposed) or the second."""
+    """The tensor-core kernel (2-16 tokens; one token in sweeps) with the codes as the first operand (its output
+    tile transposed) or the second."""
     x = _randn(m, k, seed=4, dtype=dtype)
     packed, scales, zeros = (t.to(DEVICE) for t in q.quantize_weight_int4(_randn(n, k, seed=5), group))
     bias = _randn(n, seed=6, dtype=dtype)

@@ -464,8 +464,9 @@ def _as_words(qweight: torch.Tensor) -> torch.Tensor:
 def int4_linear(x, qweight, scales, zeros, group_size: int, bias, config: dict | None = None) -> torch.Tensor:
     """x [M, K] × 4-bit weight [N, K] (packed [N, K/2], scales/zeros [N, K/g]) → [M, N] in x's dtype.
 
-    config: one configuration of the decode kernel for this token count (its tl.constexpr values,
-    num_warps, num_stages) in place of autotuning: for tests and sweeps."""
+    config: one configuration of a decode kernel (its tl.constexpr values, num_warps, num_stages) in
+    place of autotuning, for tests and sweeps.  Its knobs name the kernel (GROUPS_PER_STEP: the GEMV,
+    BLOCK_M: the tensor-core kernel), so a sweep can also try the tensor cores on one token."""
     m, k = x.shape
     n = qweight.shape[0]
     if not takes_group_size(group_size):
@@ -486,7 +487,7 @@ def int4_linear(x, qweight, scales, zeros, group_size: int, bias, config: dict |
                      m, n, k, m_bucket(m), x.stride(0), weight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0), *extra,
                      GROUP=group_size, HAS_BIAS=bias is not None, **meta, **(config or {}))
 
-    if m <= GEMV_TOKENS:
+    if (m <= GEMV_TOKENS) if config is None else "GROUPS_PER_STEP" in config:
         gemv = _int4_gemv if config is None else _int4_gemv_kernel
         launch(gemv, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"]), _as_words(qweight), FLOAT_ONE_BITS, BLOCK_M=1)
     else:
