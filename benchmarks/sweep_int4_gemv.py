@@ -42,11 +42,15 @@ def gemv_configurations() -> list[dict]:
 
 
 def mma_configurations(codes_as_a_only: bool = False) -> list[dict]:
-    """2-16 tokens: one 16-row tile; the codes as wgmma's register operand need 64 rows a warp group."""
+    """One 16-row tile of tokens.  The codes as wgmma's register operand need 64 rows a warp group; as
+    the second operand, tiles of 32 to 128 rows on 4 warps."""
     out = []
-    for block_n, split, stages, weights_as_a in itertools.product((32, 64, 128), (1, 2, 4, 8, 16), (3, 4), (True,) if codes_as_a_only else (False, True)):
-        if not (weights_as_a and block_n < 64):
-            out.append({"BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split, "WEIGHTS_AS_A": weights_as_a, "num_warps": 4, "num_stages": stages})
+    for block_n, warps, split, stages in itertools.product((32, 64, 128, 256), (4, 8), (1, 2, 4, 8, 16), (3, 4)):
+        base = {"BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
+        if block_n >= 16 * warps and (block_n < 256 or warps == 8):
+            out.append({**base, "WEIGHTS_AS_A": True})
+        if not codes_as_a_only and warps == 4 and block_n <= 128:
+            out.append({**base, "WEIGHTS_AS_A": False})
     return out
 
 
@@ -61,7 +65,7 @@ def random_int4_weights(n: int, k: int, copies: int, generator) -> list[tuple]:
     return out
 
 
-def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator) -> dict:
+def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, kernel_names=("gemv", "mma")) -> dict:
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=generator)
     dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(copies_for(n * k * 2))]
     bf16_ms = time_rotating([lambda w=w, x=x: x @ w.t() for w in dense])
@@ -73,7 +77,10 @@ def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator) -> dict:
     shape = {"M": tokens, "N": n, "K": k, "bf16_cublas_ms": bf16_ms, "weight_bytes_int4": int4_bytes, "configs": []}
     # one token: the GEMV's tiles, and the tensor cores with the codes as wgmma's register operand
     # (the other operand order is about as fast at 1 as at 4 tokens: results/quantized_kernels_h200.json)
-    configs = gemv_configurations() + mma_configurations(codes_as_a_only=True) if tokens <= kernels.GEMV_TOKENS else mma_configurations()
+    if tokens <= kernels.GEMV_TOKENS:
+        configs = (gemv_configurations() if "gemv" in kernel_names else []) + (mma_configurations(codes_as_a_only=True) if "mma" in kernel_names else [])
+    else:
+        configs = mma_configurations()
     for config in configs:
         try:
             got = kernels.int4_linear(x, *weights[0], GROUP, None, config=config)
@@ -100,6 +107,7 @@ def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1", help="comma-separated token counts (1: the GEMV; 2-16: the tensor-core kernel)")
+    parser.add_argument("--kernels", default="gemv,mma", help="at one token: gemv, mma (the tensor cores, codes as wgmma's A) or both")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int4_gemv_sweep.json")
     args = parser.parse_args()
     copy_bw = copy_bandwidth()
@@ -109,7 +117,7 @@ def main() -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
     for tokens in (int(t) for t in args.tokens.split(",")):
         for n, k in SHAPES:
-            results["shapes"].append(sweep_shape(n, k, tokens, copy_bw, generator))
+            results["shapes"].append(sweep_shape(n, k, tokens, copy_bw, generator, args.kernels.split(",")))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -314,7 +314,8 @@ def _int4_mma_kernel(
     m_ok, n_ok = rm < M, rn < N
     g_start, g_end = _group_range(K, GROUP, SPLIT_K)
     if WEIGHTS_AS_A:
-        x_ptrs = X + rm[None, :].to(tl.int64) * stride_xm + 2 * rh[:, None] + g_start * GROUP  # [HALF, BLOCK_M]
+        # the activations in the order the codes reach the product (_to_fragment_order)
+        x_ptrs = X + rm[None, :].to(tl.int64) * stride_xm + 2 * _fragment_order_source(rh, HALF)[:, None] + g_start * GROUP  # [HALF, BLOCK_M]
         w_ptrs = QW + rn[:, None].to(tl.int64) * stride_qn + rh[None, :] + g_start * HALF  # bytes [BLOCK_N, HALF]
         x_mask, w_mask = m_ok[None, :], n_ok[:, None]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -326,9 +327,14 @@ def _int4_mma_kernel(
     for g in range(g_start, g_end):
         x_even = tl.load(x_ptrs, mask=x_mask, other=0.0)
         x_odd = tl.load(x_ptrs + 1, mask=x_mask, other=0.0)
-        packed = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint16)
-        low = _offset_codes(packed & 0xF, x_even.dtype)
-        high = _offset_codes(packed >> 4, x_even.dtype)
+        packed = tl.load(w_ptrs, mask=w_mask, other=0)
+        if WEIGHTS_AS_A:
+            packed = _to_fragment_order(packed, BLOCK_N, HALF)
+        if IN_FP32:
+            low = _offset_codes(packed.to(tl.uint16) & 0xF, x_even.dtype)
+            high = _offset_codes(packed.to(tl.uint16) >> 4, x_even.dtype)
+        else:
+            low, high = _offset_code_pairs(packed, x_even.dtype)
         if WEIGHTS_AS_A:
             group_sum = _dot(low, x_even, None, IN_FP32) + _dot(high, x_odd, None, IN_FP32)
             # the group's sums of x by the tensor cores too, every row alike: in the product's own layout, no shuffles
@@ -348,6 +354,26 @@ def _int4_mma_kernel(
     if WEIGHTS_AS_A:
         acc = tl.trans(acc)
     store_output_tile(acc, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _to_fragment_order(packed, ROWS: tl.constexpr, HALF: tl.constexpr):
+    """The bytes of a [ROWS, HALF] tile reordered so that those a thread holds as the tensor cores'
+    register operand are adjacent in memory.  In each run of 16 columns a thread holds columns
+    2c, 2c+1, 2c+8 and 2c+9 (c = lane % 4: the PTX fragment of mma.m16n8k16 and of wgmma's register
+    operand); here they come from bytes HALF/4 · c + 4 · run + (0..3), so each thread's bytes of a row
+    are one contiguous run of HALF/4.  A sum over the input dimension is the same in any order, so
+    the activations are simply read in this order too (_fragment_order_source)."""
+    t = tl.reshape(packed, (ROWS, 4, HALF // 16, 2, 2))  # c, run, half of the run, pair
+    return tl.reshape(tl.permute(t, (0, 2, 3, 1, 4)), (ROWS, HALF))
+
+
+@triton.jit
+def _fragment_order_source(k, HALF: tl.constexpr):
+    """Where column k of _to_fragment_order's tile comes from: k = 16 run + 8 half + 2 c + pair
+    comes from HALF/4 · c + 4 run + 2 half + pair."""
+    run, r = k // 16, k % 16
+    return (r % 8) // 2 * (HALF // 4) + run * 4 + r // 8 * 2 + r % 2
 
 
 @triton.jit
@@ -382,6 +408,23 @@ def _offset_codes(q, dtype: tl.constexpr):
 
 
 @triton.jit
+def _offset_code_pairs(packed, dtype: tl.constexpr):
+    """Bytes of two codes → (low codes, high codes) as the 16-bit values q + _code_offset(dtype), by PTX:
+    per four bytes two byte permutes spread them over 16-bit lanes, then one three-input logic op makes
+    two values ((t & 0x000F000F) | offset, after a shift for the high codes): about one instruction a code,
+    where Triton's own widening of bytes to 16-bit lanes took about three (benchmarks/sass_offline.py).
+    Not for the interpreter, which runs no PTX."""
+    if dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            asm=_BFLOAT16_PAIRS_PTX, constraints="=r,=r,=r,=r,r", args=[packed],
+            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(
+            asm=_FLOAT16_PAIRS_PTX, constraints="=r,=r,=r,=r,r", args=[packed],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
 def _dequantize_int4_kernel(QW, SCALES, ZEROS, W, N, stride_qn, stride_sn, stride_zn, stride_wn,
                             GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """One group of BLOCK_N rows: codes → (q − z) · s in W's dtype, columns back in order."""
@@ -399,6 +442,21 @@ def _dequantize_int4_kernel(QW, SCALES, ZEROS, W, N, stride_qn, stride_sn, strid
     tl.store(W + rn[:, None].to(tl.int64) * stride_wn + g * GROUP + tl.arange(0, GROUP)[None, :], w.to(W.dtype.element_ty), mask=n_ok)
 
 
+# Four bytes in $4 → the four low codes in $0, $1 and the four high codes in $2, $3, two 16-bit values a
+# register (byte j's code in lane j % 2 of register j // 2): prmt selector 0x4140 gives bytes (b0, 0, b1, 0).
+_PAIRS_PTX = """{
+.reg .b32 t<4>;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, OFFSET, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, OFFSET, 0xEA;
+shr.u32 t2, t0, 4;
+shr.u32 t3, t1, 4;
+lop3.b32 $2, t2, 0x000F000F, OFFSET, 0xEA;
+lop3.b32 $3, t3, 0x000F000F, OFFSET, 0xEA;
+}"""
+_BFLOAT16_PAIRS_PTX = tl.constexpr(_PAIRS_PTX.replace("OFFSET", "0x43004300"))  # 128 + q
+_FLOAT16_PAIRS_PTX = tl.constexpr(_PAIRS_PTX.replace("OFFSET", "0x64006400"))  # 1024 + q
 FLOAT_ONE_BITS = 0x3F800000  # the GEMV kernel's ONE_BITS
 GEMV_TOKENS = 1  # up to here: CUDA-core GEMV; then tensor cores on one 16-row tile
 MMA_TOKENS = 16  # above: dequantise once and use the library GEMM (compute-bound, weight reused)
