@@ -89,7 +89,7 @@ def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, kernel_n
         except OutOfResources as exc:
             shape["configs"].append({**config, "skipped": str(exc)[:80]})
             continue
-        except Exception as exc:  # a configuration that fails to compile or run is reported, the sweep goes on
+        except Exception as exc:  # noqa: BLE001 (a configuration that fails to compile or run is reported; the sweep goes on)
             print(f"  failed: {config}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             shape["configs"].append({**config, "failed": f"{type(exc).__name__}: {str(exc)[:200]}"})
             continue
