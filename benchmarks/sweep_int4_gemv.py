@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 from bench_quantized import copies_for, copy_bandwidth, time_rotating
 from triton.runtime.errors import OutOfResources
 
@@ -54,6 +55,42 @@ def mma_configurations(codes_as_a_only: bool = False) -> list[dict]:
     return out
 
 
+@triton.jit
+def _stream_words(QW, OUT, N, WORDS, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Read every 32-bit word of [N, WORDS] once (XOR per row into OUT): the cost of the weight stream
+    alone, with a grid like the decode kernels' (rows × splits of the input dimension)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    per_split = tl.cdiv(WORDS, tl.num_programs(2))
+    start = tl.program_id(2) * per_split
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+    for w0 in range(start, tl.minimum(start + per_split, WORDS), BLOCK_W):
+        cols = w0 + tl.arange(0, BLOCK_W)
+        acc ^= tl.load(QW + rows[:, None].to(tl.int64) * WORDS + cols[None, :], mask=(rows < N)[:, None] & (cols < WORDS)[None, :], other=0)
+    tl.store(OUT + tl.program_id(2) * N + rows, tl.xor_sum(acc, axis=1), mask=rows < N)
+
+
+def read_floor(n: int, k: int, bf16_ms: float, copy_bw: float, generator) -> dict:
+    """The fastest of a few tilings of _stream_words over the packed weights (rotated copies, as the
+    kernels are timed), and an empty launch: how fast a 1-token kernel could be if its arithmetic
+    were free, so the best speed-up over bf16 this launch design allows."""
+    words = [torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device="cuda", generator=generator)
+             for _ in range(copies_for(n * k // 2))]
+    out = torch.empty(16 * n, dtype=torch.int32, device="cuda")
+    best = None
+    for block_n, block_w, split, warps in itertools.product((16, 64), (64, 128), (2, 4, 8, 16), (4, 8)):
+        grid = (triton.cdiv(n, block_n), 1, split)
+        ms = time_rotating([lambda w=w: _stream_words[grid](w, out, n, k // 8, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=warps)
+                            for w in words], rep_ms=100)
+        if best is None or ms < best["ms"]:
+            best = {"ms": ms, "BLOCK_N": block_n, "BLOCK_W": block_w, "SPLIT": split, "num_warps": warps}
+    empty_ms = time_rotating([lambda: _stream_words[(1, 1, 1)](words[0], out, 0, 0, BLOCK_N=16, BLOCK_W=64)] * 8, rep_ms=100)
+    floor = {**best, "bandwidth_share_of_copy": n * k / 2 / (best["ms"] * 1e-3) / copy_bw,
+             "speedup_bound_vs_bf16": bf16_ms / best["ms"], "empty_launch_ms": empty_ms}
+    print(f"  read floor: {best['ms'] * 1e3:.1f} us ({100 * floor['bandwidth_share_of_copy']:.0f}% of copy), "
+          f"bound {floor['speedup_bound_vs_bf16']:.2f}x over bf16; empty launch {empty_ms * 1e3:.1f} us", flush=True)
+    return floor
+
+
 def random_int4_weights(n: int, k: int, copies: int, generator) -> list[tuple]:
     """Uniform codes, zero points and positive scales: the kernels' cost does not depend on the values."""
     out = []
@@ -65,7 +102,7 @@ def random_int4_weights(n: int, k: int, copies: int, generator) -> list[tuple]:
     return out
 
 
-def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, kernel_names=("gemv", "mma")) -> dict:
+def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, kernel_names=("gemv", "mma"), floor: bool = False) -> dict:
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=generator)
     dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(copies_for(n * k * 2))]
     bf16_ms = time_rotating([lambda w=w, x=x: x @ w.t() for w in dense])
@@ -95,6 +132,8 @@ def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, kernel_n
             continue
         shape["configs"].append({**config, "ms": ms, "speedup_vs_bf16": bf16_ms / ms,
                                  "bandwidth_share_of_copy": int4_bytes / (ms * 1e-3) / copy_bw, "max_rel_error": error})
+    if floor:
+        shape["read_floor"] = read_floor(n, k, bf16_ms, copy_bw, generator)
     timed = sorted((c for c in shape["configs"] if "ms" in c), key=lambda c: c["ms"])
     print(f"M={tokens} {n}x{k}: bf16 {bf16_ms * 1e3:.1f} us; best int4:", flush=True)
     for c in timed[:6]:
@@ -108,6 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1", help="comma-separated token counts (1: the GEMV; 2-16: the tensor-core kernel)")
     parser.add_argument("--kernels", default="gemv,mma", help="at one token: gemv, mma (the tensor cores, codes as wgmma's A) or both")
+    parser.add_argument("--floor", action="store_true", help="also time a kernel that only reads the packed weights (the bound)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int4_gemv_sweep.json")
     args = parser.parse_args()
     copy_bw = copy_bandwidth()

@@ -75,7 +75,7 @@ def test_int4_gemm_matches_reference(m, n, k, group, dtype):
 
 @pytest.mark.parametrize("weights_as_a", [False, True], ids=["codes-as-B", "codes-as-A"])
 @pytest.mark.parametrize("m,n,k,group", [(1, 40, 320, 32), (3, 40, 320, 32), (16, 24, 192, 64)] + ([(1, 4096, 4096, 128), (5, 11008, 4096, 128)] if CUDA else []), ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_int4_tensor_core_kernel_in_both_operand_orders(m, n, k, group, dtype, weights_as_a):
     """The tensor-core kernel (2-16 tokens; one token in sweeps) with the codes as the first operand (its output
     tile transposed) or the second."""
