@@ -302,10 +302,11 @@ def _int4_mma_kernel(
     WEIGHTS_AS_A: the codes are the first operand, [BLOCK_N, HALF] × x transposed [HALF, BLOCK_M] (the
     output tile transposed), which Hopper's wgmma reads from registers: the codes are decoded where
     the product reads them, and the activations' group sums are products with ones (a reduction
-    across the tile's threads made them shuffles).  Compiled for sm_90 (benchmarks/sass_offline.py,
-    64 × 16 tiles), per weight in the loop: by Triton 3.6 (the GPU machine's) wgmma, 92 registers and
-    7.0 instructions against mma.sync, 96 and 7.7; by 3.9, 80 and 6.0 against 128 and 8.0.  Not yet
-    run on a GPU, so not yet among the autotuner's configurations."""
+    across the tile's threads made them shuffles).  The bytes are reordered so that each thread's
+    fragment is one contiguous run (_to_fragment_order) and decoded two codes a logic op by PTX
+    (_offset_code_pairs).  Compiled for sm_90 by Triton 3.6 (benchmarks/sass_offline.py, 16 tokens),
+    per weight in the loop: 64-row tiles on 4 warps 5.4 instructions (95 registers), 128 rows on 8
+    warps 4.5 (79); before the reordering and the PTX decode, 7.0."""
     HALF: tl.constexpr = GROUP // 2
     IN_FP32: tl.constexpr = DOT_IN_FP32 or X.dtype.element_ty == tl.float32  # exact values, so the same sums
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -407,6 +408,23 @@ def _offset_codes(q, dtype: tl.constexpr):
         return q.to(tl.float32)
 
 
+# Four bytes in $4 → the four low codes in $0, $1 and the four high codes in $2, $3, two 16-bit values a
+# register (byte j's code in lane j % 2 of register j // 2): prmt selector 0x4140 gives bytes (b0, 0, b1, 0).
+_PAIRS_PTX = """{
+.reg .b32 t<4>;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, OFFSET, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, OFFSET, 0xEA;
+shr.u32 t2, t0, 4;
+shr.u32 t3, t1, 4;
+lop3.b32 $2, t2, 0x000F000F, OFFSET, 0xEA;
+lop3.b32 $3, t3, 0x000F000F, OFFSET, 0xEA;
+}"""
+_BFLOAT16_PAIRS_PTX = tl.constexpr(_PAIRS_PTX.replace("OFFSET", "0x43004300"))  # 128 + q
+_FLOAT16_PAIRS_PTX = tl.constexpr(_PAIRS_PTX.replace("OFFSET", "0x64006400"))  # 1024 + q
+
+
 @triton.jit
 def _offset_code_pairs(packed, dtype: tl.constexpr):
     """Bytes of two codes → (low codes, high codes) as the 16-bit values q + _code_offset(dtype), by PTX:
@@ -442,21 +460,6 @@ def _dequantize_int4_kernel(QW, SCALES, ZEROS, W, N, stride_qn, stride_sn, strid
     tl.store(W + rn[:, None].to(tl.int64) * stride_wn + g * GROUP + tl.arange(0, GROUP)[None, :], w.to(W.dtype.element_ty), mask=n_ok)
 
 
-# Four bytes in $4 → the four low codes in $0, $1 and the four high codes in $2, $3, two 16-bit values a
-# register (byte j's code in lane j % 2 of register j // 2): prmt selector 0x4140 gives bytes (b0, 0, b1, 0).
-_PAIRS_PTX = """{
-.reg .b32 t<4>;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-lop3.b32 $0, t0, 0x000F000F, OFFSET, 0xEA;
-lop3.b32 $1, t1, 0x000F000F, OFFSET, 0xEA;
-shr.u32 t2, t0, 4;
-shr.u32 t3, t1, 4;
-lop3.b32 $2, t2, 0x000F000F, OFFSET, 0xEA;
-lop3.b32 $3, t3, 0x000F000F, OFFSET, 0xEA;
-}"""
-_BFLOAT16_PAIRS_PTX = tl.constexpr(_PAIRS_PTX.replace("OFFSET", "0x43004300"))  # 128 + q
-_FLOAT16_PAIRS_PTX = tl.constexpr(_PAIRS_PTX.replace("OFFSET", "0x64006400"))  # 1024 + q
 FLOAT_ONE_BITS = 0x3F800000  # the GEMV kernel's ONE_BITS
 GEMV_TOKENS = 1  # up to here: CUDA-core GEMV; then tensor cores on one 16-row tile
 MMA_TOKENS = 16  # above: dequantise once and use the library GEMM (compute-bound, weight reused)
