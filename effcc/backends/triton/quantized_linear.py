@@ -301,10 +301,8 @@ def _int4_mma_kernel(
 
     WEIGHTS_AS_A: the codes are the first operand, [BLOCK_N, HALF] × x transposed [HALF, BLOCK_M] (the
     output tile transposed), which Hopper's wgmma reads from registers: the codes are decoded where
-    the product reads them, and the activations' group sums are products with ones (a reduction
-    across the tile's threads made them shuffles).  The bytes are reordered so that each thread's
-    fragment is one contiguous run (_to_fragment_order) and decoded two codes a logic op by PTX
-    (_offset_code_pairs).  Compiled for sm_90 by Triton 3.6 (benchmarks/sass_offline.py, 16 tokens),
+    the product reads them.  The bytes are reordered so that each thread's fragment is one contiguous
+    run (_to_fragment_order), and decoded straight to q − z by PTX (_centred_codes).  Compiled for sm_90 by Triton 3.6 (benchmarks/sass_offline.py, 16 tokens),
     per weight in the loop: 64-row tiles on 4 warps 5.4 instructions (95 registers), 128 rows on 8
     warps 4.5 (79); before the reordering and the PTX decode, 7.0."""
     HALF: tl.constexpr = GROUP // 2
@@ -316,9 +314,9 @@ def _int4_mma_kernel(
     g_start, g_end = _group_range(K, GROUP, SPLIT_K)
     if WEIGHTS_AS_A:
         # the activations in the order the codes reach the product (_to_fragment_order)
-        x_ptrs = X + rm[None, :].to(tl.int64) * stride_xm + 2 * _fragment_order_source(rh, HALF)[:, None] + g_start * GROUP  # [HALF, BLOCK_M]
+        x_ptrs = X + rm[:, None].to(tl.int64) * stride_xm + tl.arange(0, GROUP)[None, :] + g_start * GROUP  # [BLOCK_M, GROUP]
         w_ptrs = QW + rn[:, None].to(tl.int64) * stride_qn + rh[None, :] + g_start * HALF  # bytes [BLOCK_N, HALF]
-        x_mask, w_mask = m_ok[None, :], n_ok[:, None]
+        x_mask, w_mask = m_ok[:, None], n_ok[:, None]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         x_ptrs = X + rm[:, None].to(tl.int64) * stride_xm + 2 * rh[None, :] + g_start * GROUP  # [BLOCK_M, HALF]
@@ -326,30 +324,22 @@ def _int4_mma_kernel(
         x_mask, w_mask = m_ok[:, None], n_ok[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(g_start, g_end):
-        x_even = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        x_odd = tl.load(x_ptrs + 1, mask=x_mask, other=0.0)
+        if WEIGHTS_AS_A:
+            x_even, x_odd = tl.split(tl.reshape(tl.load(x_ptrs, mask=x_mask, other=0.0), (BLOCK_M, HALF, 2)))
+            x_even = tl.trans(_to_fragment_order(x_even, BLOCK_M, HALF))
+            x_odd = tl.trans(_to_fragment_order(x_odd, BLOCK_M, HALF))
+        else:
+            x_even = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            x_odd = tl.load(x_ptrs + 1, mask=x_mask, other=0.0)
         packed = tl.load(w_ptrs, mask=w_mask, other=0)
-        if WEIGHTS_AS_A:
-            packed = _to_fragment_order(packed, BLOCK_N, HALF)
-        if IN_FP32:
-            low = _offset_codes(packed.to(tl.uint16) & 0xF, x_even.dtype)
-            high = _offset_codes(packed.to(tl.uint16) >> 4, x_even.dtype)
-        else:
-            low, high = _offset_code_pairs(packed, x_even.dtype)
-        if WEIGHTS_AS_A:
-            group_sum = _dot(low, x_even, None, IN_FP32) + _dot(high, x_odd, None, IN_FP32)
-            # the group's sums of x by the tensor cores too, every row alike: in the product's own layout, no shuffles
-            ones = tl.full((BLOCK_N, HALF), 1.0, x_even.dtype)
-            x_sum = _dot(ones, x_even, _dot(ones, x_odd, None, IN_FP32), IN_FP32)
-        else:
-            group_sum = _dot(x_even, low, None, IN_FP32) + _dot(x_odd, high, None, IN_FP32)
-            x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
+        zero = tl.load(ZEROS + rn.to(tl.int64) * stride_zn + g, mask=n_ok, other=0)
         scale = tl.load(SCALES + rn.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        zero = tl.load(ZEROS + rn.to(tl.int64) * stride_zn + g, mask=n_ok, other=0).to(tl.float32) + _code_offset(x_even.dtype)
         if WEIGHTS_AS_A:
-            acc += (group_sum - zero[:, None] * x_sum) * scale[:, None]
+            low, high = _centred_codes(_to_fragment_order(packed, BLOCK_N, HALF), zero[:, None], x_even.dtype, IN_FP32)
+            acc += (_dot(low, x_even, None, IN_FP32) + _dot(high, x_odd, None, IN_FP32)) * scale[:, None]
         else:
-            acc += (group_sum - x_sum[:, None] * zero[None, :]) * scale[None, :]
+            low, high = _centred_codes(packed, zero[None, :], x_even.dtype, IN_FP32)
+            acc += (_dot(x_even, low, None, IN_FP32) + _dot(x_odd, high, None, IN_FP32)) * scale[None, :]
         x_ptrs += GROUP
         w_ptrs += HALF
     if WEIGHTS_AS_A:
@@ -387,59 +377,69 @@ def _dot(a, b, acc, IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def _code_offset(dtype: tl.constexpr):
-    if dtype == tl.bfloat16:
-        return 128.0
-    elif dtype == tl.float16:
-        return 1024.0
-    else:
-        return 0.0
+def _to_fragment_order(packed, ROWS: tl.constexpr, HALF: tl.constexpr):
+    """The bytes of a [ROWS, HALF] tile reordered so that those a thread holds as the tensor cores'
+    register operand are adjacent in memory.  In each run of 16 columns a thread holds columns
+    2c, 2c+1, 2c+8 and 2c+9 (c = lane % 4: the PTX fragment of mma.m16n8k16 and of wgmma's register
+    operand); here they come from bytes HALF/4 · c + 4 · run + (0..3), so each thread's bytes of a row
+    are one contiguous run of HALF/4.  A sum over the input dimension is the same in any order, so
+    the activations are simply read in this order too (_fragment_order_source)."""
+    t = tl.reshape(packed, (ROWS, 4, HALF // 16, 2, 2))  # c, run, half of the run, pair
+    return tl.reshape(tl.permute(t, (0, 2, 3, 1, 4)), (ROWS, HALF))
 
 
 @triton.jit
-def _offset_codes(q, dtype: tl.constexpr):
-    """4-bit codes (uint16 lanes) as the exact `dtype` values q + _code_offset(dtype), with one OR
-    and no conversion instruction (the offset is taken off with the zero point, once per group)."""
-    if dtype == tl.bfloat16:
-        return (q | 0x4300).to(tl.bfloat16, bitcast=True)
-    elif dtype == tl.float16:
-        return (q | 0x6400).to(tl.float16, bitcast=True)
-    else:
-        return q.to(tl.float32)
+def _fragment_order_source(k, HALF: tl.constexpr):
+    """Where column k of _to_fragment_order's tile comes from: k = 16 run + 8 half + 2 c + pair
+    comes from HALF/4 · c + 4 run + 2 half + pair."""
+    run, r = k // 16, k % 16
+    return (r % 8) // 2 * (HALF // 4) + run * 4 + r // 8 * 2 + r % 2
 
 
-# Four bytes in $4 → the four low codes in $0, $1 and the four high codes in $2, $3, two 16-bit values a
-# register (byte j's code in lane j % 2 of register j // 2): prmt selector 0x4140 gives bytes (b0, 0, b1, 0).
-_PAIRS_PTX = """{
-.reg .b32 t<4>;
+# Four bytes in $4 and their rows' zero points (as 16-bit values offset + z, two a register, in $5 and
+# $6) → the four low codes minus their zero points in $0, $1 and the four high ones in $2, $3, two
+# 16-bit values a register (byte j's in lane j % 2 of register j // 2).  prmt's selector 0x4140 makes
+# bytes (b0, 0, b1, 0); (t & 0x000F000F) | offset puts a code under the exponent of the offset (the
+# 16-bit value offset + q, exact), and a subtraction of two such values gives q − z, exact.
+_CENTRED_PTX = """{
+.reg .b32 t<4>, u<4>;
 prmt.b32 t0, $4, 0, 0x4140;
 prmt.b32 t1, $4, 0, 0x4342;
-lop3.b32 $0, t0, 0x000F000F, OFFSET, 0xEA;
-lop3.b32 $1, t1, 0x000F000F, OFFSET, 0xEA;
 shr.u32 t2, t0, 4;
 shr.u32 t3, t1, 4;
-lop3.b32 $2, t2, 0x000F000F, OFFSET, 0xEA;
-lop3.b32 $3, t3, 0x000F000F, OFFSET, 0xEA;
+lop3.b32 u0, t0, 0x000F000F, OFFSET, 0xEA;
+lop3.b32 u1, t1, 0x000F000F, OFFSET, 0xEA;
+lop3.b32 u2, t2, 0x000F000F, OFFSET, 0xEA;
+lop3.b32 u3, t3, 0x000F000F, OFFSET, 0xEA;
+sub.TYPE $0, u0, $5;
+sub.TYPE $1, u1, $6;
+sub.TYPE $2, u2, $5;
+sub.TYPE $3, u3, $6;
 }"""
-_BFLOAT16_PAIRS_PTX = tl.constexpr(_PAIRS_PTX.replace("OFFSET", "0x43004300"))  # 128 + q
-_FLOAT16_PAIRS_PTX = tl.constexpr(_PAIRS_PTX.replace("OFFSET", "0x64006400"))  # 1024 + q
+_BFLOAT16_CENTRED_PTX = tl.constexpr(_CENTRED_PTX.replace("OFFSET", "0x43004300").replace("TYPE", "rn.bf16x2"))  # 128 + q
+_FLOAT16_CENTRED_PTX = tl.constexpr(_CENTRED_PTX.replace("OFFSET", "0x64006400").replace("TYPE", "rn.f16x2"))  # 1024 + q
 
 
 @triton.jit
-def _offset_code_pairs(packed, dtype: tl.constexpr):
-    """Bytes of two codes → (low codes, high codes) as the 16-bit values q + _code_offset(dtype), by PTX:
-    per four bytes two byte permutes spread them over 16-bit lanes, then one three-input logic op makes
-    two values ((t & 0x000F000F) | offset, after a shift for the high codes): about one instruction a code,
-    where Triton's own widening of bytes to 16-bit lanes took about three (benchmarks/sass_offline.py).
-    Not for the interpreter, which runs no PTX."""
-    if dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise(
-            asm=_BFLOAT16_PAIRS_PTX, constraints="=r,=r,=r,=r,r", args=[packed],
-            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+def _centred_codes(packed, zero, dtype: tl.constexpr, IN_FP32: tl.constexpr):
+    """Bytes of two codes and their zero points (broadcast to them) → (low codes − z, high codes − z):
+    small integers, exact in `dtype`, so the product's operand needs no correction afterwards.
+
+    16-bit types by PTX: per four bytes two byte permutes, two shifts, four three-input logic ops and
+    four paired subtractions make eight values, 1.5 instructions a code, where Triton's own widening of
+    bytes to 16-bit lanes took about three (benchmarks/sass_offline.py).  float32 (and the interpreter,
+    which runs no PTX) in plain arithmetic."""
+    if IN_FP32:
+        z = zero.to(tl.float32)
+        return (packed & 0xF).to(tl.float32) - z, (packed >> 4).to(tl.float32) - z
+    elif dtype == tl.bfloat16:
+        z = (zero.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        return tl.inline_asm_elementwise(asm=_BFLOAT16_CENTRED_PTX, constraints="=r,=r,=r,=r,r,r,r", args=[packed, z],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
-        return tl.inline_asm_elementwise(
-            asm=_FLOAT16_PAIRS_PTX, constraints="=r,=r,=r,=r,r", args=[packed],
-            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        z = (zero.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+        return tl.inline_asm_elementwise(asm=_FLOAT16_CENTRED_PTX, constraints="=r,=r,=r,=r,r,r,r", args=[packed, z],
+                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
