@@ -151,15 +151,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int4_gemv_sweep.json")
     args = parser.parse_args()
     copy_bw = copy_bandwidth()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "copy_bandwidth_gb_s": copy_bw / 1e9, "group_size": GROUP, "shapes": []}
     print(f"{results['device']}: copy {copy_bw / 1e9:.0f} GB/s", flush=True)
     generator = torch.Generator(device="cuda").manual_seed(0)
     for tokens in (int(t) for t in args.tokens.split(",")):
         for n, k in SHAPES:
-            results["shapes"].append(sweep_shape(n, k, tokens, copy_bw, generator, args.kernels.split(",")))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+            results["shapes"].append(sweep_shape(n, k, tokens, copy_bw, generator, args.kernels.split(","), args.floor))
+            args.out.write_text(json.dumps(results, indent=2))  # after every shape: a run cut short keeps what it measured
     print(f"wrote {args.out}")
 
 
