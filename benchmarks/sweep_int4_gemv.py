@@ -78,9 +78,9 @@ def read_floor(n: int, k: int, bf16_ms: float, copy_bw: float, generator) -> dic
     out = torch.empty(16 * n, dtype=torch.int32, device="cuda")
     best = None
     for block_n, block_w, split, warps in itertools.product((16, 64), (64, 128), (2, 4, 8, 16), (4, 8)):
+        meta = {"BLOCK_N": block_n, "BLOCK_W": block_w, "num_warps": warps}
         grid = (triton.cdiv(n, block_n), 1, split)
-        ms = time_rotating([lambda w=w: _stream_words[grid](w, out, n, k // 8, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=warps)
-                            for w in words], rep_ms=100)
+        ms = time_rotating([lambda w=w, grid=grid, meta=meta: _stream_words[grid](w, out, n, k // 8, **meta) for w in words], rep_ms=100)
         if best is None or ms < best["ms"]:
             best = {"ms": ms, "BLOCK_N": block_n, "BLOCK_W": block_w, "SPLIT": split, "num_warps": warps}
     empty_ms = time_rotating([lambda: _stream_words[(1, 1, 1)](words[0], out, 0, 0, BLOCK_N=16, BLOCK_W=64)] * 8, rep_ms=100)
