@@ -13,10 +13,10 @@ int4_linear        x [M, K] (bf16 / fp16 / fp32) × 4-bit codes [N, K/2] with a 
                                under the exponent of 1.0), then one FMA; the 16 and the zero
                                point come back out once per word and row.  A step loads several
                                groups of several rows at once (loads in flight).
-                   2-16 tokens tensor cores on one 16-row tile: per group
-                                   Σ_k x_k (q_k − z) s = s · (Σ_k x_k q_k − z · Σ_k x_k),
-                               codes made bf16/fp16 by an OR (0x4300 | q is the bfloat16 128 + q,
-                               0x6400 | q the float16 1024 + q; the offset joins z).
+                   2-16 tokens tensor cores on one 16-row tile, scale per group: the codes
+                               become q − z, exact in 16 bits, by PTX (0x4300 | q is the bfloat16
+                               128 + q, 0x6400 | q the float16 1024 + q; then one paired subtraction
+                               of 128 + z), about 1.5 instructions a code.
                    more        dequantise once (a Triton kernel) and the library GEMM.
                    The decode kernels can split the input dimension over programs (SPLIT_K);
                    the last program of a tile to arrive adds the partial sums and resets the
