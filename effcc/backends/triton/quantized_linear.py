@@ -40,10 +40,16 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # int4 kernel's products run on float32 copies of the same exact values.
 
 
+# EFFCC_TRITON_CONFIGS=first: on a GPU, each kernel's first (its best-measured) configuration alone, no
+# autotuning.  For test runs on a GPU, where autotuning every kernel for every shape costs minutes.
+FIRST_CONFIG_ONLY = os.environ.get("EFFCC_TRITON_CONFIGS") == "first"
+
+
 def autotune_configs(full: list[dict], small: dict, pre_hook=None) -> list[triton.Config]:
-    """Autotuning configurations: `full` on a GPU, only `small` in the interpreter."""
+    """Autotuning configurations: `full` on a GPU (its first alone under EFFCC_TRITON_CONFIGS=first),
+    only `small` in the interpreter."""
     out = []
-    for c in [small] if INTERPRETING else full:
+    for c in [small] if INTERPRETING else full[:1] if FIRST_CONFIG_ONLY else full:
         c = dict(c)
         warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 3)
         out.append(triton.Config(c, num_warps=warps, num_stages=stages, pre_hook=pre_hook))
