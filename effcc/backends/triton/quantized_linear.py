@@ -309,8 +309,9 @@ def _int4_mma_kernel(
     output tile transposed), which Hopper's wgmma reads from registers: the codes are decoded where
     the product reads them.  The bytes are reordered so that each thread's fragment is one contiguous
     run (_to_fragment_order), and decoded straight to q − z by PTX (_centred_codes).  Compiled for sm_90 by Triton 3.6 (benchmarks/sass_offline.py, 16 tokens),
-    per weight in the loop: 64-row tiles on 4 warps 5.4 instructions (95 registers), 128 rows on 8
-    warps 4.5 (79); before the reordering and the PTX decode, 7.0."""
+    instructions per weight in the loop: codes as A, 64-row tiles on 4 warps 3.8 (80 registers), 128
+    rows on 8 warps 3.5 (100); codes as B, 64 rows 5.1, 128 rows 3.7.  Before the reordering and the
+    PTX decode: 7.0 and 6.0 at 64 rows."""
     HALF: tl.constexpr = GROUP // 2
     IN_FP32: tl.constexpr = DOT_IN_FP32 or X.dtype.element_ty == tl.float32  # exact values, so the same sums
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
