@@ -319,25 +319,22 @@ def _int4_mma_kernel(
     rh = tl.arange(0, HALF)
     m_ok, n_ok = rm < M, rn < N
     g_start, g_end = _group_range(K, GROUP, SPLIT_K)
+    # the activations of a group as one contiguous tile [BLOCK_M, GROUP], split in registers into the
+    # columns that meet the low and the high codes
+    x_ptrs = X + rm[:, None].to(tl.int64) * stride_xm + tl.arange(0, GROUP)[None, :] + g_start * GROUP
     if WEIGHTS_AS_A:
-        # the activations in the order the codes reach the product (_to_fragment_order)
-        x_ptrs = X + rm[:, None].to(tl.int64) * stride_xm + tl.arange(0, GROUP)[None, :] + g_start * GROUP  # [BLOCK_M, GROUP]
         w_ptrs = QW + rn[:, None].to(tl.int64) * stride_qn + rh[None, :] + g_start * HALF  # bytes [BLOCK_N, HALF]
-        x_mask, w_mask = m_ok[:, None], n_ok[:, None]
+        w_mask = n_ok[:, None]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
-        x_ptrs = X + rm[:, None].to(tl.int64) * stride_xm + 2 * rh[None, :] + g_start * GROUP  # [BLOCK_M, HALF]
         w_ptrs = QW + rn[None, :].to(tl.int64) * stride_qn + rh[:, None] + g_start * HALF  # bytes [HALF, BLOCK_N]
-        x_mask, w_mask = m_ok[:, None], n_ok[None, :]
+        w_mask = n_ok[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(g_start, g_end):
-        if WEIGHTS_AS_A:
-            x_even, x_odd = tl.split(tl.reshape(tl.load(x_ptrs, mask=x_mask, other=0.0), (BLOCK_M, HALF, 2)))
+        x_even, x_odd = tl.split(tl.reshape(tl.load(x_ptrs, mask=m_ok[:, None], other=0.0), (BLOCK_M, HALF, 2)))
+        if WEIGHTS_AS_A:  # in the order the codes reach the product (_to_fragment_order), transposed
             x_even = tl.trans(_to_fragment_order(x_even, BLOCK_M, HALF))
             x_odd = tl.trans(_to_fragment_order(x_odd, BLOCK_M, HALF))
-        else:
-            x_even = tl.load(x_ptrs, mask=x_mask, other=0.0)
-            x_odd = tl.load(x_ptrs + 1, mask=x_mask, other=0.0)
         packed = tl.load(w_ptrs, mask=w_mask, other=0)
         zero = tl.load(ZEROS + rn.to(tl.int64) * stride_zn + g, mask=n_ok, other=0)
         scale = tl.load(SCALES + rn.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
@@ -361,17 +358,9 @@ def _to_fragment_order(packed, ROWS: tl.constexpr, HALF: tl.constexpr):
     2c, 2c+1, 2c+8 and 2c+9 (c = lane % 4: the PTX fragment of mma.m16n8k16 and of wgmma's register
     operand); here they come from bytes HALF/4 · c + 4 · run + (0..3), so each thread's bytes of a row
     are one contiguous run of HALF/4.  A sum over the input dimension is the same in any order, so
-    the activations are simply read in this order too (_fragment_order_source)."""
+    the activations are put in this order too."""
     t = tl.reshape(packed, (ROWS, 4, HALF // 16, 2, 2))  # c, run, half of the run, pair
     return tl.reshape(tl.permute(t, (0, 2, 3, 1, 4)), (ROWS, HALF))
-
-
-@triton.jit
-def _fragment_order_source(k, HALF: tl.constexpr):
-    """Where column k of _to_fragment_order's tile comes from: k = 16 run + 8 half + 2 c + pair
-    comes from HALF/4 · c + 4 run + 2 half + pair."""
-    run, r = k // 16, k % 16
-    return (r % 8) // 2 * (HALF // 4) + run * 4 + r // 8 * 2 + r % 2
 
 
 @triton.jit
@@ -390,7 +379,7 @@ def _to_fragment_order(packed, ROWS: tl.constexpr, HALF: tl.constexpr):
     2c, 2c+1, 2c+8 and 2c+9 (c = lane % 4: the PTX fragment of mma.m16n8k16 and of wgmma's register
     operand); here they come from bytes HALF/4 · c + 4 · run + (0..3), so each thread's bytes of a row
     are one contiguous run of HALF/4.  A sum over the input dimension is the same in any order, so
-    the activations are simply read in this order too (_fragment_order_source)."""
+    the activations are put in this order too."""
     t = tl.reshape(packed, (ROWS, 4, HALF // 16, 2, 2))  # c, run, half of the run, pair
     return tl.reshape(tl.permute(t, (0, 2, 3, 1, 4)), (ROWS, HALF))
 
