@@ -42,11 +42,11 @@ def gemv_configurations() -> list[dict]:
     return out
 
 
-def mma_configurations(codes_as_a_only: bool = False) -> list[dict]:
+def mma_configurations(codes_as_a_only: bool = False, splits=(1, 2, 4, 8, 16), stages=(3, 4)) -> list[dict]:
     """One 16-row tile of tokens.  The codes as wgmma's register operand need 64 rows a warp group; as
     the second operand, tiles of 32 to 128 rows on 4 warps."""
     out = []
-    for block_n, warps, split, stages in itertools.product((32, 64, 128, 256), (4, 8), (1, 2, 4, 8, 16), (3, 4)):
+    for block_n, warps, split, stages in itertools.product((32, 64, 128, 256), (4, 8), splits, stages):
         base = {"BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
         if block_n >= 16 * warps and (block_n < 256 or warps == 8):
             out.append({**base, "WEIGHTS_AS_A": True})
@@ -102,7 +102,7 @@ def random_int4_weights(n: int, k: int, copies: int, generator) -> list[tuple]:
     return out
 
 
-def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, kernel_names=("gemv", "mma"), floor: bool = False) -> dict:
+def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, kernel_names=("gemv", "mma"), floor: bool = False, quick: bool = False) -> dict:
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=generator)
     dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(copies_for(n * k * 2))]
     bf16_ms = time_rotating([lambda w=w, x=x: x @ w.t() for w in dense])
@@ -115,9 +115,10 @@ def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, kernel_n
     # one token: the GEMV's tiles, and the tensor cores with the codes as wgmma's register operand
     # (the other operand order is about as fast at 1 as at 4 tokens: results/quantized_kernels_h200.json)
     if tokens <= kernels.GEMV_TOKENS:
-        configs = (gemv_configurations() if "gemv" in kernel_names else []) + (mma_configurations(codes_as_a_only=True) if "mma" in kernel_names else [])
+        mma = mma_configurations(codes_as_a_only=True, splits=(2, 4, 8), stages=(3,)) if quick else mma_configurations(codes_as_a_only=True)
+        configs = (gemv_configurations() if "gemv" in kernel_names else []) + (mma if "mma" in kernel_names else [])
     else:
-        configs = mma_configurations()
+        configs = mma_configurations(splits=(2, 4, 8), stages=(3,)) if quick else mma_configurations()
     for config in configs:
         try:
             got = kernels.int4_linear(x, *weights[0], GROUP, None, config=config)
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="1", help="comma-separated token counts (1: the GEMV; 2-16: the tensor-core kernel)")
     parser.add_argument("--kernels", default="gemv,mma", help="at one token: gemv, mma (the tensor cores, codes as wgmma's A) or both")
     parser.add_argument("--floor", action="store_true", help="also time a kernel that only reads the packed weights (the bound)")
+    parser.add_argument("--quick", action="store_true", help="tensor-core tiles with 2, 4 or 8 splits and 3 stages only (the winners so far)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int4_gemv_sweep.json")
     args = parser.parse_args()
     copy_bw = copy_bandwidth()
@@ -158,7 +160,7 @@ def main() -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
     for tokens in (int(t) for t in args.tokens.split(",")):
         for n, k in SHAPES:
-            results["shapes"].append(sweep_shape(n, k, tokens, copy_bw, generator, args.kernels.split(","), args.floor))
+            results["shapes"].append(sweep_shape(n, k, tokens, copy_bw, generator, args.kernels.split(","), args.floor, args.quick))
             args.out.write_text(json.dumps(results, indent=2))  # after every shape: a run cut short keeps what it measured
     print(f"wrote {args.out}")
 
