@@ -46,8 +46,8 @@ def mma_configurations(codes_as_a_only: bool = False, splits=(1, 2, 4, 8, 16), s
     """One 16-row tile of tokens.  The codes as wgmma's register operand need 64 rows a warp group; as
     the second operand, tiles of 32 to 128 rows on 4 warps."""
     out = []
-    for block_n, warps, split, stages in itertools.product((32, 64, 128, 256), (4, 8), splits, stages):
-        base = {"BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
+    for block_n, warps, split, stage_count in itertools.product((32, 64, 128, 256), (4, 8), splits, stages):
+        base = {"BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split, "num_warps": warps, "num_stages": stage_count}
         if block_n >= 16 * warps and (block_n < 256 or warps == 8):
             out.append({**base, "WEIGHTS_AS_A": True})
         if not codes_as_a_only and warps == 4 and block_n <= 128:
