@@ -4,9 +4,9 @@ barriers included, which is where Triton's layout conversions show).  Device tim
 answers "how many instructions per weight" and "did that change remove the conversion" for free.
 Triton's wheel carries ptxas, nvdisasm and cuobjdump.
 
-    python benchmarks/sass_offline.py effcc.backends.triton.quantized_linear:_int4_gemv_kernel \\
-        --types X=*bf16,QW=*i32,SCALES=*bf16,ZEROS=*u8,BIAS=*bf16,C=*bf16,PARTIAL=*fp32,ARRIVED=*i32 \\
-        --constexprs GROUP=128,HAS_BIAS=0,BLOCK_M=1,BLOCK_N=16,GROUPS_PER_STEP=2,SPLIT_K=2 --warps 1
+    python benchmarks/sass_offline.py effcc.backends.triton.quantized_linear:_int4_mma_kernel \\
+        --types X=*bf16,QW=*u8,SCALES=*bf16,ZEROS=*u8,BIAS=*bf16,C=*bf16,PARTIAL=*fp32,ARRIVED=*i32 \\
+        --constexprs GROUP=128,HAS_BIAS=0,DOT_IN_FP32=0,BLOCK_M=16,BLOCK_N=128,SPLIT_K=4,WEIGHTS_AS_A=1 --warps 8 --stages 3
 
 To compile with the Triton a GPU machine has (spills can differ: the prefix-attention dK/dV kernel
 spills up to 944 bytes a thread under Triton 3.6 at D = 64, less under 3.9; the loops say where the

@@ -77,8 +77,8 @@ def test_int4_gemm_matches_reference(m, n, k, group, dtype):
 @pytest.mark.parametrize("m,n,k,group", [(1, 40, 320, 32), (3, 40, 320, 32), (16, 24, 192, 64)] + ([(1, 4096, 4096, 128), (5, 11008, 4096, 128)] if CUDA else []), ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_int4_tensor_core_kernel_in_both_operand_orders(m, n, k, group, dtype, weights_as_a):
-    """The tensor-core kernel (2-16 tokens; one token in sweeps) with the codes as the first operand (its output
-    tile transposed) or the second."""
+    """The decode kernel (1-16 tokens) with the codes as the first operand (its output tile transposed) or
+    the second."""
     x = _randn(m, k, seed=4, dtype=dtype)
     packed, scales, zeros = (t.to(DEVICE) for t in q.quantize_weight_int4(_randn(n, k, seed=5), group))
     bias = _randn(n, seed=6, dtype=dtype)
@@ -88,13 +88,13 @@ def test_int4_tensor_core_kernel_in_both_operand_orders(m, n, k, group, dtype, w
     assert out.shape == (m, n) and _rel(out, want) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("config", [{"BLOCK_N": 16, "GROUPS_PER_STEP": 1, "SPLIT_K": 1}, {"BLOCK_N": 32, "GROUPS_PER_STEP": 4, "SPLIT_K": 3}],
-                         ids=["one-group-a-step", "four-groups-three-splits"])
-def test_int4_gemv_configurations(config):
-    """Tiles of one or several groups a step (other layouts of the activations), splits that do not divide the groups."""
+@pytest.mark.parametrize("weights_as_a", [False, True], ids=["codes-as-B", "codes-as-A"])
+def test_int4_splits_that_do_not_divide_the_groups(weights_as_a):
+    """Ten groups over three splits (4, 4, 2): the last program of each tile adds the partial sums."""
     x = _randn(1, 640, seed=4)
-    packed, scales, zeros = (t.to(DEVICE) for t in q.quantize_weight_int4(_randn(40, 640, seed=5), 64))
-    out = kernels.int4_linear(x, packed, scales, zeros, 64, None, config={**config, "num_warps": 1 if CUDA else 4})
+    packed, scales, zeros = (t.to(DEVICE) for t in q.quantize_weight_int4(_randn(72, 640, seed=5), 64))
+    config = {"BLOCK_M": 16, "BLOCK_N": 64 if CUDA else 16, "SPLIT_K": 3, "WEIGHTS_AS_A": weights_as_a}
+    out = kernels.int4_linear(x, packed, scales, zeros, 64, None, config=config)
     want = q.w4a16_linear_reference(x.double(), packed, scales.double(), zeros, 64, None)
     assert _rel(out, want) <= TOL[torch.float32]
 

@@ -8,21 +8,19 @@ int8_linear        int8 [M, K] × int8 [N, K]ᵀ → int32 on the tensor cores, 
                    product never reaches memory.
 int4_linear        x [M, K] (bf16 / fp16 / fp32) × 4-bit codes [N, K/2] with a scale and zero
                    point per group of the input dimension, by token count:
-                   1 token     CUDA-core GEMV on the codes read as 32-bit words: each code is
-                               made the float 1 + q/16 by a shift and one logic op (its 4 bits
-                               under the exponent of 1.0), then one FMA; the 16 and the zero
-                               point come back out once per word and row.  A step loads several
-                               groups of several rows at once (loads in flight).
-                   2-16 tokens tensor cores on one 16-row tile, scale per group: the codes
-                               become q − z, exact in 16 bits, by PTX (0x4300 | q is the bfloat16
-                               128 + q, 0x6400 | q the float16 1024 + q; then one paired subtraction
-                               of 128 + z), about 1.5 instructions a code.
+                   1-16 tokens tensor cores on one 16-row tile of tokens (the rest padding), scale
+                               per group, the codes wgmma's register operand or the second one:
+                               they become q − z, exact in 16 bits, by PTX (0x4300 | q is the
+                               bfloat16 128 + q, 0x6400 | q the float16 1024 + q; then one paired
+                               subtraction of 128 + z), about 1.5 instructions a code.  Up to
+                               2026-12 one token took a CUDA-core GEMV (git history): the tensor
+                               cores were 2-13% faster, at about 3.5 instructions a weight to its 5.5.
                    more        dequantise once (a Triton kernel) and the library GEMM.
-                   The decode kernels can split the input dimension over programs (SPLIT_K);
+                   The decode kernel can split the input dimension over programs (SPLIT_K);
                    the last program of a tile to arrive adds the partial sums and resets the
                    tile's counter (one launch, no memset: arrival_counters).
 
-The GEMM and the decode kernels are autotuned per (N, K, M bucket).  Under TRITON_INTERPRET=1 (CPU tests) each
+The GEMM and the decode kernel are autotuned per (N, K, M bucket).  Under TRITON_INTERPRET=1 (CPU tests) each
 has one small configuration so that tests stay fast.
 """
 
@@ -40,16 +38,27 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # int4 kernel's products run on float32 copies of the same exact values.
 
 
-# EFFCC_TRITON_CONFIGS=first: on a GPU, each kernel's first (its best-measured) configuration alone, no
-# autotuning.  For test runs on a GPU, where autotuning every kernel for every shape costs minutes.
-FIRST_CONFIG_ONLY = os.environ.get("EFFCC_TRITON_CONFIGS") == "first"
+# EFFCC_TRITON_CONFIGS=smallest: on a GPU, each kernel's configuration with the smallest tiles alone (it fits
+# in shared memory wherever any does), no autotuning.  For test runs on a GPU, where autotuning every
+# kernel for every shape costs minutes.
+SMALLEST_CONFIG_ONLY = os.environ.get("EFFCC_TRITON_CONFIGS") == "smallest"
+
+
+def _tile_footprint(config: dict) -> int:
+    """Elements of a configuration's tiles times its pipeline stages: what its shared memory grows with."""
+    size = config.get("num_stages", 3)
+    for name, value in config.items():
+        if name.startswith("BLOCK_"):
+            size *= value
+    return size
 
 
 def autotune_configs(full: list[dict], small: dict, pre_hook=None) -> list[triton.Config]:
-    """Autotuning configurations: `full` on a GPU (its first alone under EFFCC_TRITON_CONFIGS=first),
+    """Autotuning configurations: `full` on a GPU (the smallest alone under EFFCC_TRITON_CONFIGS=smallest),
     only `small` in the interpreter."""
+    chosen = [small] if INTERPRETING else [min(full, key=_tile_footprint)] if SMALLEST_CONFIG_ONLY else full
     out = []
-    for c in [small] if INTERPRETING else full[:1] if FIRST_CONFIG_ONLY else full:
+    for c in chosen:
         c = dict(c)
         warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 3)
         out.append(triton.Config(c, num_warps=warps, num_stages=stages, pre_hook=pre_hook))
@@ -235,67 +244,6 @@ def _group_range(K, GROUP: tl.constexpr, SPLIT_K):
 
 
 @triton.jit
-def _int4_gemv_kernel(
-    X, QW, SCALES, ZEROS, BIAS, C, PARTIAL, ARRIVED,
-    M, N, K, M_BUCKET,
-    stride_xm, stride_qn, stride_sn, stride_zn, stride_cm, ONE_BITS,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """One token: CUDA-core FMAs, bound by the weight stream.  QW is the packed weight read as
-    32-bit words (stride_qn in words), eight codes a word, code i of word w being input column
-    8w + i.  A step loads a [BLOCK_N, GROUPS_PER_STEP, words of a group] tile at once (many bytes
-    in flight: the loop is not software-pipelined); a thread holds words of several rows at the
-    same columns, so the activations it loads serve all of them.
-
-    Each code becomes the float 1 + q/16 by a shift and one AND-OR into the mantissa's top four
-    bits (no conversion instruction, no subtraction): per code a shift, a logic op and an FMA.
-    ONE_BITS is 1.0's bit pattern, 0x3F800000, passed at run time: with the mask and it both
-    constants, ptxas emits two logic ops per code; with one of them in a register, one.
-    Per word and row the zero point and the 16 come back out:
-        Σᵢ xᵢ (qᵢ − z) = 16 Σᵢ xᵢ (1 + qᵢ/16) − (16 + z) Σᵢ xᵢ,
-    which keeps float32's precision (the 1 + q/16 are exact and of one magnitude)."""
-    WORDS: tl.constexpr = GROUP // 8
-    rm = tl.arange(0, BLOCK_M)  # BLOCK_M == 1
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, GROUPS_PER_STEP)
-    rw = tl.arange(0, WORDS)
-    row = rn.to(tl.int64)[:, None]
-    g_start, g_end = _group_range(K, GROUP, SPLIT_K)
-    acc = tl.zeros((BLOCK_N, GROUPS_PER_STEP, WORDS), dtype=tl.float32)
-    for g0 in range(g_start, g_end, GROUPS_PER_STEP):
-        g = g0 + rj  # [GROUPS_PER_STEP]
-        ok = (rn < N)[:, None] & (g < g_end)[None, :]  # [BLOCK_N, GROUPS_PER_STEP]
-        word_at = QW + row[:, :, None] * stride_qn + (g * WORDS)[None, :, None] + rw[None, None, :]
-        words = tl.load(word_at, mask=ok[:, :, None], other=0)
-        scale = tl.load(SCALES + row * stride_sn + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        zero = tl.load(ZEROS + row * stride_zn + g[None, :], mask=ok, other=0).to(tl.float32)
-        x_at = X + (g * GROUP)[:, None] + 8 * rw[None, :]  # [GROUPS_PER_STEP, WORDS]: column 8w of each group
-        x_ok = (g < g_end)[:, None]
-        dot = tl.zeros((BLOCK_N, GROUPS_PER_STEP, WORDS), dtype=tl.float32)
-        x_sum = tl.zeros((GROUPS_PER_STEP, WORDS), dtype=tl.float32)
-        high = words >> 16  # codes 4-7 where codes 0-3 are, so that every code moves left
-        for i in tl.static_range(4):
-            x_low = tl.load(x_at + i, mask=x_ok, other=0.0).to(tl.float32)
-            x_high = tl.load(x_at + 4 + i, mask=x_ok, other=0.0).to(tl.float32)
-            # tl.fma, not `+= a * b`: Triton 3.10 stops contracting those into FMAs by default
-            dot = tl.fma(_one_plus_sixteenth(words, 19 - 4 * i, ONE_BITS), x_low[None, :, :], dot)
-            dot = tl.fma(_one_plus_sixteenth(high, 19 - 4 * i, ONE_BITS), x_high[None, :, :], dot)
-            x_sum += x_low + x_high
-        acc += scale[:, :, None] * (16.0 * dot - (16.0 + zero)[:, :, None] * x_sum[None, :, :])
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
-    store_output_tile(out, tl.program_id(2), rm, rn, M, N, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _one_plus_sixteenth(words, shift: tl.constexpr, one_bits):
-    """The 4-bit code at bit 19 − shift of each word as the float 1 + q/16: the code moved to the
-    top of the mantissa (bits 19-22) under the exponent of 1.0 (a left shift, which the GPU can
-    run on its multiply-add pipe, and one three-input logic op)."""
-    return ((words << shift) & 0x00780000 | one_bits).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _int4_mma_kernel(
     X, QW, SCALES, ZEROS, BIAS, C, PARTIAL, ARRIVED,
     M, N, K, M_BUCKET,
@@ -303,7 +251,7 @@ def _int4_mma_kernel(
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, WEIGHTS_AS_A: tl.constexpr,
 ):
-    """2-16 tokens: tensor-core products of one 16-row tile with the codes, scale per group.
+    """1-16 tokens: tensor-core products of one 16-row tile with the codes, scale per group.
 
     WEIGHTS_AS_A: the codes are the first operand, [BLOCK_N, HALF] × x transposed [HALF, BLOCK_M] (the
     output tile transposed), which Hopper's wgmma reads from registers: the codes are decoded where
@@ -456,28 +404,16 @@ def _dequantize_int4_kernel(QW, SCALES, ZEROS, W, N, stride_qn, stride_sn, strid
     tl.store(W + rn[:, None].to(tl.int64) * stride_wn + g * GROUP + tl.arange(0, GROUP)[None, :], w.to(W.dtype.element_ty), mask=n_ok)
 
 
-FLOAT_ONE_BITS = 0x3F800000  # the GEMV kernel's ONE_BITS
-GEMV_TOKENS = 1  # up to here: CUDA-core GEMV; then tensor cores on one 16-row tile
-MMA_TOKENS = 16  # above: dequantise once and use the library GEMM (compute-bound, weight reused)
+MMA_TOKENS = 16  # up to here: the tensor-core decode kernel; above, dequantise once and use the library GEMM
 
-_int4_gemv = triton.autotune(
-    configs=autotune_configs(
-        [  # the best of benchmarks/sweep_int4_gemv.py on an H200 (results/int4_gemv_sweep_h200.json)
-            {"BLOCK_N": bn, "GROUPS_PER_STEP": gs, "SPLIT_K": sk, "num_warps": w, "num_stages": 1}
-            for bn, gs, sk, w in [(32, 2, 8, 2), (16, 2, 4, 1), (64, 2, 8, 4), (32, 2, 8, 1), (16, 4, 4, 1), (32, 2, 4, 2),
-                                  (32, 4, 4, 2), (64, 2, 16, 4), (16, 2, 2, 1), (32, 2, 2, 2), (32, 2, 16, 2), (64, 2, 8, 2)]
-        ],
-        {"BLOCK_N": 8, "GROUPS_PER_STEP": 2, "SPLIT_K": 2},
-    ),
-    key=["M_BUCKET", "N", "K", "GROUP"],
-)(_int4_gemv_kernel)
-
+# The best of benchmarks/sweep_int4_gemv.py on an H200 at 1, 4 and 16 tokens (results/int4_sweep_1tok_mma_h200.json,
+# int4_sweep_4_16tok_h200.json), the fastest overall first: (BLOCK_N, SPLIT_K, warps, codes as A).
 _int4_mma = triton.autotune(
     configs=autotune_configs(
-        [  # the codes as the second operand, measured on an H100 and an H200; WEIGHTS_AS_A joins this list once
-            # it has run on a GPU (tests/test_quantized_kernels.py, benchmarks/sweep_int4_gemv.py --tokens 4,16)
-            {"BLOCK_M": 16, "BLOCK_N": bn, "SPLIT_K": sk, "WEIGHTS_AS_A": False, "num_warps": 4, "num_stages": st}
-            for bn, sk, st in [(32, 1, 4), (64, 1, 4), (32, 2, 4), (64, 2, 4), (32, 4, 4), (64, 4, 4), (128, 4, 3), (64, 8, 3), (128, 8, 3)]
+        [
+            {"BLOCK_M": 16, "BLOCK_N": bn, "SPLIT_K": sk, "WEIGHTS_AS_A": a, "num_warps": w, "num_stages": 3}
+            for bn, sk, w, a in [(128, 8, 8, True), (128, 4, 4, True), (64, 8, 4, True), (128, 4, 4, False), (64, 8, 4, False),
+                                 (64, 4, 4, True), (64, 4, 4, False), (64, 2, 4, False), (128, 8, 4, True)]
         ],
         {"BLOCK_M": 16, "BLOCK_N": 16, "SPLIT_K": 2, "WEIGHTS_AS_A": False},
     ),
@@ -492,7 +428,7 @@ def splits_and_smallest_block(*kernels, split="SPLIT_K") -> tuple[int, int]:
     return max(c[split] for c in configs), min(c["BLOCK_N"] for c in configs)
 
 
-_INT4_MAX_SPLIT, _INT4_SMALLEST_BLOCK_N = splits_and_smallest_block(_int4_gemv, _int4_mma)
+_INT4_MAX_SPLIT, _INT4_SMALLEST_BLOCK_N = splits_and_smallest_block(_int4_mma)
 
 
 def takes_group_size(group_size: int) -> bool:
@@ -510,20 +446,11 @@ def dequantize_int4(qweight, scales, zeros, group_size: int, dtype) -> torch.Ten
     return w
 
 
-def _as_words(qweight: torch.Tensor) -> torch.Tensor:
-    """The packed codes [N, K/2] bytes as [N, K/8] 32-bit words (little-endian: byte b of a word
-    is its bits 8b..8b+7, so code i of word w is input column 8w + i)."""
-    if qweight.stride(1) != 1 or qweight.stride(0) % 4 or qweight.storage_offset() % 4:
-        qweight = qweight.contiguous()
-    return qweight.view(torch.int32)
-
-
 def int4_linear(x, qweight, scales, zeros, group_size: int, bias, config: dict | None = None) -> torch.Tensor:
     """x [M, K] × 4-bit weight [N, K] (packed [N, K/2], scales/zeros [N, K/g]) → [M, N] in x's dtype.
 
-    config: one configuration of a decode kernel (its tl.constexpr values, num_warps, num_stages) in
-    place of autotuning, for tests and sweeps.  Its knobs name the kernel (GROUPS_PER_STEP: the GEMV,
-    BLOCK_M: the tensor-core kernel), so a sweep can also try the tensor cores on one token."""
+    config: one configuration of the decode kernel (its tl.constexpr values, num_warps, num_stages) in
+    place of autotuning, for tests and sweeps."""
     m, k = x.shape
     n = qweight.shape[0]
     if not takes_group_size(group_size):
@@ -539,16 +466,9 @@ def int4_linear(x, qweight, scales, zeros, group_size: int, bias, config: dict |
     partial = torch.empty((splits * m * n,), dtype=torch.float32, device=x.device)
     arrived = arrival_counters(x.device, triton.cdiv(n, smallest_block))
 
-    def launch(kernel, grid, weight, *extra, **meta):
-        kernel[grid](x, weight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
-                     m, n, k, m_bucket(m), x.stride(0), weight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0), *extra,
-                     GROUP=group_size, HAS_BIAS=bias is not None, **meta, **(config or {}))
-
-    if (m <= GEMV_TOKENS) if config is None else "GROUPS_PER_STEP" in config:
-        gemv = _int4_gemv if config is None else _int4_gemv_kernel
-        launch(gemv, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1, meta["SPLIT_K"]), _as_words(qweight), FLOAT_ONE_BITS, BLOCK_M=1)
-    else:
-        mma = _int4_mma if config is None else _int4_mma_kernel
-        launch(mma, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]),
-               qweight, DOT_IN_FP32=INTERPRETING)
+    kernel = _int4_mma if config is None else _int4_mma_kernel
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])](
+        x, qweight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
+        m, n, k, m_bucket(m), x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        GROUP=group_size, HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETING, **(config or {}))
     return out

@@ -1,15 +1,16 @@
-"""Configurations of effcc's int4 decode kernels, swept on the GPU (how their autotuning lists were chosen).
+"""Configurations of effcc's int4 decode kernel (1-16 tokens), swept on the GPU: how its autotuning list
+was chosen, and how fast a kernel could be at all.
 
-    python benchmarks/sweep_int4_gemv.py [--tokens 1,4,16] [--out benchmarks/results/int4_gemv_sweep.json]
+    python benchmarks/sweep_int4_decode.py [--tokens 1,4,16] [--quick] [--floor] [--out benchmarks/results/int4_sweep.json]
 
 For each LLaMA-7B linear shape (out × in: 4096 × 4096, 11008 × 4096, 4096 × 11008; groups of 128,
-bfloat16 activations and scales), each token count and each configuration of the kernel that runs
-it (one token: the CUDA-core GEMV, and the tensor-core kernel with the codes as its first operand;
-2-16: the tensor-core kernel, with the codes as either operand):
+bfloat16 activations and scales), each token count and each configuration (tile rows, splits of the
+input dimension, warps, pipeline stages, the codes as wgmma's register operand or the second one):
 the time of one call, as a CUDA graph cycling through enough weight copies to overflow L2 (every
 call reads its weights from device memory), its achieved weight bandwidth as a share of a
 device-to-device copy, its speed-up over bf16 cuBLAS on the same shape, and its largest error
-against the float64 reference.
+against the float64 reference.  --floor adds, per shape, a kernel that only reads the packed weights,
+and an empty launch: the best speed-up over bf16 that a one-launch kernel could reach.
 """
 
 from __future__ import annotations
@@ -32,17 +33,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 GROUP = 128
 
 
-def gemv_configurations() -> list[dict]:
-    """One token: tiles that give each thread 8 or 16 words (the tile's words over the program's threads; 32 were slower)."""
-    out = []
-    for block_n, per_step, split, warps in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (2, 4, 8, 16), (1, 2, 4, 8)):
-        words_per_thread = block_n * per_step * (GROUP // 8) // (32 * warps)
-        if words_per_thread in (8, 16):
-            out.append({"BLOCK_N": block_n, "GROUPS_PER_STEP": per_step, "SPLIT_K": split, "num_warps": warps, "num_stages": 1})
-    return out
-
-
-def mma_configurations(codes_as_a_only: bool = False, splits=(1, 2, 4, 8, 16), stages=(3, 4)) -> list[dict]:
+def mma_configurations(splits=(1, 2, 4, 8, 16), stages=(3, 4)) -> list[dict]:
     """One 16-row tile of tokens.  The codes as wgmma's register operand need 64 rows a warp group; as
     the second operand, tiles of 32 to 128 rows on 4 warps."""
     out = []
@@ -50,7 +41,7 @@ def mma_configurations(codes_as_a_only: bool = False, splits=(1, 2, 4, 8, 16), s
         base = {"BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split, "num_warps": warps, "num_stages": stage_count}
         if block_n >= 16 * warps and (block_n < 256 or warps == 8):
             out.append({**base, "WEIGHTS_AS_A": True})
-        if not codes_as_a_only and warps == 4 and block_n <= 128:
+        if warps == 4 and block_n <= 128:
             out.append({**base, "WEIGHTS_AS_A": False})
     return out
 
@@ -102,7 +93,7 @@ def random_int4_weights(n: int, k: int, copies: int, generator) -> list[tuple]:
     return out
 
 
-def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, kernel_names=("gemv", "mma"), floor: bool = False, quick: bool = False) -> dict:
+def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, floor: bool = False, quick: bool = False) -> dict:
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=generator)
     dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(copies_for(n * k * 2))]
     bf16_ms = time_rotating([lambda w=w, x=x: x @ w.t() for w in dense])
@@ -112,13 +103,7 @@ def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, kernel_n
     packed, scales, zeros = weights[0]
     want = q.w4a16_linear_reference(x.double(), packed, scales.double(), zeros, GROUP, None)
     shape = {"M": tokens, "N": n, "K": k, "bf16_cublas_ms": bf16_ms, "weight_bytes_int4": int4_bytes, "configs": []}
-    # one token: the GEMV's tiles, and the tensor cores with the codes as wgmma's register operand
-    # (the other operand order is about as fast at 1 as at 4 tokens: results/quantized_kernels_h200.json)
-    if tokens <= kernels.GEMV_TOKENS:
-        mma = mma_configurations(codes_as_a_only=True, splits=(2, 4, 8), stages=(3,)) if quick else mma_configurations(codes_as_a_only=True)
-        configs = (gemv_configurations() if "gemv" in kernel_names else []) + (mma if "mma" in kernel_names else [])
-    else:
-        configs = mma_configurations(splits=(2, 4, 8), stages=(3,)) if quick else mma_configurations()
+    configs = mma_configurations(splits=(2, 4, 8), stages=(3,)) if quick else mma_configurations()
     for config in configs:
         try:
             got = kernels.int4_linear(x, *weights[0], GROUP, None, config=config)
@@ -146,11 +131,10 @@ def sweep_shape(n: int, k: int, tokens: int, copy_bw: float, generator, kernel_n
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default="1", help="comma-separated token counts (1: the GEMV; 2-16: the tensor-core kernel)")
-    parser.add_argument("--kernels", default="gemv,mma", help="at one token: gemv, mma (the tensor cores, codes as wgmma's A) or both")
+    parser.add_argument("--tokens", default="1,4,16", help="comma-separated token counts, 1 to 16")
     parser.add_argument("--floor", action="store_true", help="also time a kernel that only reads the packed weights (the bound)")
-    parser.add_argument("--quick", action="store_true", help="tensor-core tiles with 2, 4 or 8 splits and 3 stages only (the winners so far)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int4_gemv_sweep.json")
+    parser.add_argument("--quick", action="store_true", help="only 2, 4 or 8 splits and 3 stages (where the winners were on an H200)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int4_sweep.json")
     args = parser.parse_args()
     copy_bw = copy_bandwidth()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +144,7 @@ def main() -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
     for tokens in (int(t) for t in args.tokens.split(",")):
         for n, k in SHAPES:
-            results["shapes"].append(sweep_shape(n, k, tokens, copy_bw, generator, args.kernels.split(","), args.floor, args.quick))
+            results["shapes"].append(sweep_shape(n, k, tokens, copy_bw, generator, args.floor, args.quick))
             args.out.write_text(json.dumps(results, indent=2))  # after every shape: a run cut short keeps what it measured
     print(f"wrote {args.out}")
 
