@@ -300,18 +300,6 @@ def _int4_mma_kernel(
 
 
 @triton.jit
-def _to_fragment_order(packed, ROWS: tl.constexpr, HALF: tl.constexpr):
-    """The bytes of a [ROWS, HALF] tile reordered so that those a thread holds as the tensor cores'
-    register operand are adjacent in memory.  In each run of 16 columns a thread holds columns
-    2c, 2c+1, 2c+8 and 2c+9 (c = lane % 4: the PTX fragment of mma.m16n8k16 and of wgmma's register
-    operand); here they come from bytes HALF/4 · c + 4 · run + (0..3), so each thread's bytes of a row
-    are one contiguous run of HALF/4.  A sum over the input dimension is the same in any order, so
-    the activations are put in this order too."""
-    t = tl.reshape(packed, (ROWS, 4, HALF // 16, 2, 2))  # c, run, half of the run, pair
-    return tl.reshape(tl.permute(t, (0, 2, 3, 1, 4)), (ROWS, HALF))
-
-
-@triton.jit
 def _dot(a, b, acc, IN_FP32: tl.constexpr):
     """a · b (+ acc) in float32: on float32 copies with IEEE products where asked (the interpreter, float32
     activations), the 16-bit operands as they are otherwise."""
