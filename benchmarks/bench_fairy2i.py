@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_quantized import copies_for, copy_bandwidth, time_rotating
 
 
-def bench(out_features: int, in_features: int, stages: int, copy_bw: float) -> dict:
+def bench(out_features: int, in_features: int, stages: int, copy_bw: float, floor: bool = False) -> dict:
     from effcc.backends.triton import fairy2i as kernels
     from effcc.ops import complex_linear as cl
 
@@ -41,6 +41,11 @@ def bench(out_features: int, in_features: int, stages: int, copy_bw: float) -> d
     want = cl.fairy2i_linear_reference(x.double(), *packed[0], None)
     got = kernels.fairy2i_linear(x, *packed[0], None)
     row["max_rel_error_vs_reference"] = ((got.double() - want).abs().max() / want.abs().max()).item()
+    if floor:  # a kernel that only reads as many bytes: the best speed-up a one-launch kernel could reach
+        from sweep_int4_decode import read_floor
+
+        words_per_row = nbytes // (4 * out_features)
+        row["read_floor"] = read_floor(out_features, 8 * words_per_row, row["bf16_cublas_ms"], copy_bw, g)
     print(f"Fairy2i {stages} stage(s) {out_features}x{in_features}: bf16 {row['bf16_cublas_ms'] * 1e3:.1f} us, effcc {row['effcc_ms'] * 1e3:.1f} us "
           f"-> {row['speedup_vs_bf16']:.2f}x, {100 * row['bandwidth_share_of_copy']:.0f}% of copy bandwidth, error {row['max_rel_error_vs_reference']:.1e}", flush=True)
     return row
@@ -49,13 +54,14 @@ def bench(out_features: int, in_features: int, stages: int, copy_bw: float) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default="2")
+    parser.add_argument("--floor", action="store_true", help="also time a kernel that only reads as many bytes (the bound)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fairy2i_gemv.json")
     args = parser.parse_args()
     copy_bw = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_gb_s": copy_bw / 1e9, "rows": []}
     for stages in [int(s) for s in args.stages.split(",")]:
         for out_features, in_features in ((4096, 4096), (11008, 4096)):
-            results["rows"].append(bench(out_features, in_features, stages, copy_bw))
+            results["rows"].append(bench(out_features, in_features, stages, copy_bw, args.floor))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 
