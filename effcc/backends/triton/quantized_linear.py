@@ -256,7 +256,7 @@ def _int4_mma_kernel(
     WEIGHTS_AS_A: the codes are the first operand, [BLOCK_N, HALF] × x transposed [HALF, BLOCK_M] (the
     output tile transposed), which Hopper's wgmma reads from registers: the codes are decoded where
     the product reads them.  The bytes are reordered so that each thread's fragment is one contiguous
-    run (_to_fragment_order), and decoded straight to q − z by PTX (_centred_codes).  Compiled for sm_90 by Triton 3.6 (benchmarks/sass_offline.py, 16 tokens),
+    run (to_fragment_order), and decoded straight to q − z by PTX (_centred_codes).  Compiled for sm_90 by Triton 3.6 (benchmarks/sass_offline.py, 16 tokens),
     instructions per weight in the loop: codes as A, 64-row tiles on 4 warps 3.8 (80 registers), 128
     rows on 8 warps 3.5 (100); codes as B, 64 rows 5.1, 128 rows 3.7.  Before the reordering and the
     PTX decode: 7.0 and 6.0 at 64 rows."""
@@ -280,18 +280,18 @@ def _int4_mma_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(g_start, g_end):
         x_even, x_odd = tl.split(tl.reshape(tl.load(x_ptrs, mask=m_ok[:, None], other=0.0), (BLOCK_M, HALF, 2)))
-        if WEIGHTS_AS_A:  # in the order the codes reach the product (_to_fragment_order), transposed
-            x_even = tl.trans(_to_fragment_order(x_even, BLOCK_M, HALF))
-            x_odd = tl.trans(_to_fragment_order(x_odd, BLOCK_M, HALF))
+        if WEIGHTS_AS_A:  # in the order the codes reach the product (to_fragment_order), transposed
+            x_even = tl.trans(to_fragment_order(x_even, BLOCK_M, HALF))
+            x_odd = tl.trans(to_fragment_order(x_odd, BLOCK_M, HALF))
         packed = tl.load(w_ptrs, mask=w_mask, other=0)
         zero = tl.load(ZEROS + rn.to(tl.int64) * stride_zn + g, mask=n_ok, other=0)
         scale = tl.load(SCALES + rn.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
         if WEIGHTS_AS_A:
-            low, high = _centred_codes(_to_fragment_order(packed, BLOCK_N, HALF), zero[:, None], x_even.dtype, IN_FP32)
-            acc += (_dot(low, x_even, None, IN_FP32) + _dot(high, x_odd, None, IN_FP32)) * scale[:, None]
+            low, high = _centred_codes(to_fragment_order(packed, BLOCK_N, HALF), zero[:, None], x_even.dtype, IN_FP32)
+            acc += (tensor_core_dot(low, x_even, None, IN_FP32) + tensor_core_dot(high, x_odd, None, IN_FP32)) * scale[:, None]
         else:
             low, high = _centred_codes(packed, zero[None, :], x_even.dtype, IN_FP32)
-            acc += (_dot(x_even, low, None, IN_FP32) + _dot(x_odd, high, None, IN_FP32)) * scale[None, :]
+            acc += (tensor_core_dot(x_even, low, None, IN_FP32) + tensor_core_dot(x_odd, high, None, IN_FP32)) * scale[None, :]
         x_ptrs += GROUP
         w_ptrs += HALF
     if WEIGHTS_AS_A:
@@ -300,7 +300,7 @@ def _int4_mma_kernel(
 
 
 @triton.jit
-def _dot(a, b, acc, IN_FP32: tl.constexpr):
+def tensor_core_dot(a, b, acc, IN_FP32: tl.constexpr):
     """a · b (+ acc) in float32: on float32 copies with IEEE products where asked (the interpreter, float32
     activations), the 16-bit operands as they are otherwise."""
     if IN_FP32:
@@ -309,23 +309,16 @@ def _dot(a, b, acc, IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def _to_fragment_order(packed, ROWS: tl.constexpr, HALF: tl.constexpr):
-    """The bytes of a [ROWS, HALF] tile reordered so that those a thread holds as the tensor cores'
-    register operand are adjacent in memory.  In each run of 16 columns a thread holds columns
+def to_fragment_order(tile, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The columns of a [ROWS, COLS] tile reordered so that those a thread holds as the tensor cores'
+    register operand come from adjacent columns.  In each run of 16 columns a thread holds columns
     2c, 2c+1, 2c+8 and 2c+9 (c = lane % 4: the PTX fragment of mma.m16n8k16 and of wgmma's register
-    operand); here they come from bytes HALF/4 · c + 4 · run + (0..3), so each thread's bytes of a row
-    are one contiguous run of HALF/4.  A sum over the input dimension is the same in any order, so
-    the activations are put in this order too."""
-    t = tl.reshape(packed, (ROWS, 4, HALF // 16, 2, 2))  # c, run, half of the run, pair
-    return tl.reshape(tl.permute(t, (0, 2, 3, 1, 4)), (ROWS, HALF))
-
-
-@triton.jit
-def _fragment_order_source(k, HALF: tl.constexpr):
-    """Where column k of _to_fragment_order's tile comes from: k = 16 run + 8 half + 2 c + pair
-    comes from HALF/4 · c + 4 run + 2 half + pair."""
-    run, r = k // 16, k % 16
-    return (r % 8) // 2 * (HALF // 4) + run * 4 + r // 8 * 2 + r % 2
+    operand); here they come from columns COLS/4 · c + 4 · run + (0..3), so a thread's columns of a
+    row are one contiguous run of COLS/4 (one wide load of packed codes, or one byte of four 2-bit
+    codes per run).  A sum over the input dimension is the same in any order, so the activations are
+    put in this order too."""
+    t = tl.reshape(tile, (ROWS, 4, COLS // 16, 2, 2))  # c, run, half of the run, pair
+    return tl.reshape(tl.permute(t, (0, 2, 3, 1, 4)), (ROWS, COLS))
 
 
 # Four bytes in $4 and their rows' zero points (as 16-bit values offset + z, two a register, in $5 and
