@@ -170,6 +170,52 @@ def test_kernel_sign_sums_give_every_code():
         assert complex((sigma_a + sigma_e) / 2, (sigma_a - sigma_e) / 2) == value
 
 
+def test_tensor_core_decoder_ptx_gives_twice_every_code():
+    """The tensor-core kernel's PTX decoder, run by an emulator of its instructions on every byte in every
+    position of a word: code j of byte e becomes 2P (register 2j, 2j+1) and 2Q (8+2j, 9+2j), 0 or ±2,
+    in bfloat16 and float16 alike."""
+    from ptx_emulator import halves_to_floats, run
+
+    from effcc.backends.triton.fairy2i import _DOUBLED_PARTS_PTX
+
+    real, imag = [1, -1, 0, 0], [0, 0, 1, -1]  # code → P, Q
+    for byte in range(256):
+        for position in range(4):
+            word = (byte << 8 * position) | (0x5A5A5A5A & ~(0xFF << 8 * position))  # other bytes: other codes
+            out = run(_DOUBLED_PARTS_PTX.value, {16: word})
+            for e in range(4):
+                code_byte = word >> 8 * e & 0xFF
+                for j in range(4):
+                    code = code_byte >> 2 * j & 3
+                    for first, want in ((2 * j, 2 * real[code]), (8 + 2 * j, 2 * imag[code])):
+                        for dtype in (torch.bfloat16, torch.float16):
+                            assert halves_to_floats(out[first + e // 2], dtype)[e % 2] == want
+
+
+TENSOR_CORE_CONFIGS = [{"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT": 2}, {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 3}]
+
+
+@pytest.mark.parametrize("tokens,m,n,stages", KERNEL_SHAPES, ids=str)
+def test_tensor_core_kernel_matches_reference(tokens, m, n, stages):
+    """The tensor-core kernel (opt-in by config until timed on a GPU): splits that do not divide the input,
+    rows and inputs past the tiles."""
+    from effcc.backends.triton import fairy2i as kernels
+
+    device = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(tokens)
+    a, b = cl.to_widely_linear(torch.randn(2 * m, 2 * n, generator=g))
+    (ca, sa, _), (cb, sb, _) = cl.quantize_fairy2i(a, stages), cl.quantize_fairy2i(b, stages)
+    codes, scales = cl.pack_codes(torch.stack((ca, cb), 1)).to(device), torch.stack((sa, sb), 1).to(device)
+    x, bias = torch.randn(tokens, 2 * n, generator=g).to(device), torch.randn(2 * m, generator=g).to(device)
+    for dtype in (torch.float32, torch.bfloat16) if CUDA else (torch.float32,):
+        x_in, bias_in = x.to(dtype), bias.to(dtype)
+        want = cl.fairy2i_linear_reference(x_in.double(), codes, scales, bias_in.double())
+        for config in TENSOR_CORE_CONFIGS:
+            got = kernels.fairy2i_linear(x_in, codes, scales, bias_in, config={**config, "BLOCK_N": 64} if CUDA else config)
+            tolerance = 1e-5 if dtype == torch.float32 else 4.5e-3  # float32 sums; bfloat16: the output rounded once
+            assert got.shape == (tokens, 2 * m) and ((got.double() - want).abs().max() / want.abs().max()) < tolerance
+
+
 @pytest.mark.parametrize("tokens,m,n,stages", KERNEL_SHAPES, ids=str)
 def test_multiplication_free_kernel_matches_reference(tokens, m, n, stages):
     from effcc.backends.triton import fairy2i as kernels

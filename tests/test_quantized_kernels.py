@@ -99,6 +99,26 @@ def test_int4_splits_that_do_not_divide_the_groups(weights_as_a):
     assert _rel(out, want) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype,offset", [(torch.bfloat16, 128), (torch.float16, 1024)], ids=str)
+def test_int4_decoder_ptx_gives_codes_minus_zero_points(dtype, offset):
+    """The decode kernel's PTX, run by an emulator of its instructions (no GPU here): four bytes and the
+    four elements' zero points (offset + z, two a register) → low and high codes minus z, exact."""
+    from ptx_emulator import floats_to_halves, halves_to_floats, run
+
+    asm = (kernels._BFLOAT16_CENTRED_PTX if dtype == torch.bfloat16 else kernels._FLOAT16_CENTRED_PTX).value
+    g = torch.Generator().manual_seed(0)
+    for _ in range(64):
+        packed = torch.randint(0, 256, (4,), generator=g).tolist()
+        zeros = torch.randint(0, 16, (4,), generator=g).tolist()
+        word = packed[0] | packed[1] << 8 | packed[2] << 16 | packed[3] << 24
+        operands = {4: word, 5: floats_to_halves([offset + zeros[0], offset + zeros[1]], dtype),
+                    6: floats_to_halves([offset + zeros[2], offset + zeros[3]], dtype)}
+        out = run(asm, operands)
+        for e in range(4):
+            assert halves_to_floats(out[e // 2], dtype)[e % 2] == (packed[e] & 0xF) - zeros[e]
+            assert halves_to_floats(out[2 + e // 2], dtype)[e % 2] == (packed[e] >> 4) - zeros[e]
+
+
 def test_int4_kernel_refuses_group_sizes_it_cannot_run():
     packed, scales, zeros = q.quantize_weight_int4(torch.randn(8, 48), 24)
     with pytest.raises(ValueError, match="group sizes"):
