@@ -1,6 +1,6 @@
 """Fairy2i one-token GEMV on one GPU: effcc's multiplication-free kernel vs bf16 cuBLAS, side by side.
 
-    python benchmarks/bench_fairy2i.py [--stages 1,2,3] [--out FILE]
+    python benchmarks/bench_fairy2i.py [--stages 1,2,3] [--tensor-cores] [--floor] [--out FILE]
 
 Medians of CUDA-graph replays cycling through enough weight copies to overflow L2 (as
 bench_quantized.py); achieved bandwidth of the codes and scales as a share of a measured copy.
@@ -14,12 +14,19 @@ import sys
 from pathlib import Path
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quantized import copies_for, copy_bandwidth, time_rotating
 
+# The tensor-core kernel's candidate configurations: 64 code rows per warp group.
+TENSOR_CORE_CONFIGS = [
+    {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps, "num_stages": 3}
+    for bn, warps in ((64, 4), (128, 4), (128, 8)) for bk in (64, 128, 256) for split in (2, 4, 8)
+]
 
-def bench(out_features: int, in_features: int, stages: int, copy_bw: float, floor: bool = False) -> dict:
+
+def bench(out_features: int, in_features: int, stages: int, copy_bw: float, floor: bool = False, tensor_cores: bool = False) -> dict:
     from effcc.backends.triton import fairy2i as kernels
     from effcc.ops import complex_linear as cl
 
@@ -41,6 +48,20 @@ def bench(out_features: int, in_features: int, stages: int, copy_bw: float, floo
     want = cl.fairy2i_linear_reference(x.double(), *packed[0], None)
     got = kernels.fairy2i_linear(x, *packed[0], None)
     row["max_rel_error_vs_reference"] = ((got.double() - want).abs().max() / want.abs().max()).item()
+    if tensor_cores:  # the tensor-core kernel's configurations, each timed and checked (it joins the autotuner from these)
+        row["tensor_core_configs"] = []
+        for config in TENSOR_CORE_CONFIGS:
+            try:
+                got = kernels.fairy2i_linear(x, *packed[0], None, config=config)
+                ms = time_rotating([lambda p=p, c=config: kernels.fairy2i_linear(x, *p, None, config=c) for p in packed], rep_ms=100)
+            except OutOfResources as exc:
+                row["tensor_core_configs"].append({**config, "skipped": str(exc)[:80]})
+                continue
+            error = ((got.double() - want).abs().max() / want.abs().max()).item()
+            row["tensor_core_configs"].append({**config, "ms": ms, "speedup_vs_bf16": row["bf16_cublas_ms"] / ms, "max_rel_error": error})
+        best = min((c for c in row["tensor_core_configs"] if "ms" in c), key=lambda c: c["ms"])
+        print(f"  tensor cores, best: {best['ms'] * 1e3:.1f} us -> {best['speedup_vs_bf16']:.2f}x, error {best['max_rel_error']:.1e} "
+              f"{ {k: v for k, v in best.items() if k.isupper() or k.startswith('num_')} }", flush=True)
     if floor:  # a kernel that only reads as many bytes: the best speed-up a one-launch kernel could reach
         from sweep_int4_decode import read_floor
 
@@ -54,6 +75,7 @@ def bench(out_features: int, in_features: int, stages: int, copy_bw: float, floo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default="2")
+    parser.add_argument("--tensor-cores", action="store_true", help="also time each configuration of the tensor-core kernel")
     parser.add_argument("--floor", action="store_true", help="also time a kernel that only reads as many bytes (the bound)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fairy2i_gemv.json")
     args = parser.parse_args()
@@ -61,7 +83,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_gb_s": copy_bw / 1e9, "rows": []}
     for stages in [int(s) for s in args.stages.split(",")]:
         for out_features, in_features in ((4096, 4096), (11008, 4096)):
-            results["rows"].append(bench(out_features, in_features, stages, copy_bw, args.floor))
+            results["rows"].append(bench(out_features, in_features, stages, copy_bw, args.floor, args.tensor_cores))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 
