@@ -170,6 +170,16 @@ def test_kernel_sign_sums_give_every_code():
         assert complex((sigma_a + sigma_e) / 2, (sigma_a - sigma_e) / 2) == value
 
 
+def _random_fairy2i_layer(tokens: int, m: int, n: int, stages: int):
+    """(codes, scales, x, bias) of a Fairy2i layer quantised from a random real [2m, 2n] weight, on the kernels' device."""
+    device = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(tokens)
+    a, b = cl.to_widely_linear(torch.randn(2 * m, 2 * n, generator=g))
+    (ca, sa, _), (cb, sb, _) = cl.quantize_fairy2i(a, stages), cl.quantize_fairy2i(b, stages)
+    codes, scales = cl.pack_codes(torch.stack((ca, cb), 1)).to(device), torch.stack((sa, sb), 1).to(device)
+    return codes, scales, torch.randn(tokens, 2 * n, generator=g).to(device), torch.randn(2 * m, generator=g).to(device)
+
+
 def test_tensor_core_decoder_ptx_gives_twice_every_code():
     """The tensor-core kernel's PTX decoder, run by an emulator of its instructions on every byte in every
     position of a word: code j of byte e becomes 2P (register 2j, 2j+1) and 2Q (8+2j, 9+2j), 0 or ±2,
@@ -201,12 +211,7 @@ def test_tensor_core_kernel_matches_reference(tokens, m, n, stages):
     rows and inputs past the tiles."""
     from effcc.backends.triton import fairy2i as kernels
 
-    device = "cuda" if CUDA else "cpu"
-    g = torch.Generator().manual_seed(tokens)
-    a, b = cl.to_widely_linear(torch.randn(2 * m, 2 * n, generator=g))
-    (ca, sa, _), (cb, sb, _) = cl.quantize_fairy2i(a, stages), cl.quantize_fairy2i(b, stages)
-    codes, scales = cl.pack_codes(torch.stack((ca, cb), 1)).to(device), torch.stack((sa, sb), 1).to(device)
-    x, bias = torch.randn(tokens, 2 * n, generator=g).to(device), torch.randn(2 * m, generator=g).to(device)
+    codes, scales, x, bias = _random_fairy2i_layer(tokens, m, n, stages)
     for dtype in (torch.float32, torch.bfloat16) if CUDA else (torch.float32,):
         x_in, bias_in = x.to(dtype), bias.to(dtype)
         want = cl.fairy2i_linear_reference(x_in.double(), codes, scales, bias_in.double())
@@ -220,12 +225,7 @@ def test_tensor_core_kernel_matches_reference(tokens, m, n, stages):
 def test_multiplication_free_kernel_matches_reference(tokens, m, n, stages):
     from effcc.backends.triton import fairy2i as kernels
 
-    device = "cuda" if CUDA else "cpu"
-    g = torch.Generator().manual_seed(tokens)
-    a, b = cl.to_widely_linear(torch.randn(2 * m, 2 * n, generator=g))
-    (ca, sa, _), (cb, sb, _) = cl.quantize_fairy2i(a, stages), cl.quantize_fairy2i(b, stages)
-    codes, scales = cl.pack_codes(torch.stack((ca, cb), 1)).to(device), torch.stack((sa, sb), 1).to(device)
-    x, bias = torch.randn(tokens, 2 * n, generator=g).to(device), torch.randn(2 * m, generator=g).to(device)
+    codes, scales, x, bias = _random_fairy2i_layer(tokens, m, n, stages)
     got = kernels.fairy2i_linear(x, codes, scales, bias)
     want = cl.fairy2i_linear_reference(x.double(), codes, scales, bias.double())
     assert got.shape == (tokens, 2 * m) and ((got.double() - want).abs().max() / want.abs().max()) < 1e-5  # float32 sums
