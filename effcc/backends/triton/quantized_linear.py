@@ -256,8 +256,8 @@ def _int4_mma_kernel(
     WEIGHTS_AS_A: the codes are the first operand, [BLOCK_N, HALF] × x transposed [HALF, BLOCK_M] (the
     output tile transposed), which Hopper's wgmma reads from registers: the codes are decoded where
     the product reads them.  The bytes are reordered so that each thread's fragment is one contiguous
-    run (to_fragment_order), and decoded straight to q − z by PTX (_centred_codes).  Compiled for sm_90 by Triton 3.6 (benchmarks/sass_offline.py, 16 tokens),
-    instructions per weight in the loop: codes as A, 64-row tiles on 4 warps 3.8 (80 registers), 128
+    run (to_fragment_order), and decoded straight to q − z by PTX (_centred_codes).  Compiled for
+    sm_90 by Triton 3.6 (benchmarks/sass_offline.py, 16 tokens), instructions per weight in the loop: codes as A, 64-row tiles on 4 warps 3.8 (80 registers), 128
     rows on 8 warps 3.5 (100); codes as B, 64 rows 5.1, 128 rows 3.7.  Before the reordering and the
     PTX decode: 7.0 and 6.0 at 64 rows."""
     HALF: tl.constexpr = GROUP // 2
@@ -387,7 +387,7 @@ def _dequantize_int4_kernel(QW, SCALES, ZEROS, W, N, stride_qn, stride_sn, strid
 
 MMA_TOKENS = 16  # up to here: the tensor-core decode kernel; above, dequantise once and use the library GEMM
 
-# The best of benchmarks/sweep_int4_gemv.py on an H200 at 1, 4 and 16 tokens (results/int4_sweep_1tok_mma_h200.json,
+# The best of benchmarks/sweep_int4_decode.py on an H200 at 1, 4 and 16 tokens (results/int4_sweep_1tok_mma_h200.json,
 # int4_sweep_4_16tok_h200.json), the fastest overall first: (BLOCK_N, SPLIT_K, warps, codes as A).
 _int4_mma = triton.autotune(
     configs=autotune_configs(
@@ -447,6 +447,8 @@ def int4_linear(x, qweight, scales, zeros, group_size: int, bias, config: dict |
     partial = torch.empty((splits * m * n,), dtype=torch.float32, device=x.device)
     arrived = arrival_counters(x.device, triton.cdiv(n, smallest_block))
 
+    x = x if x.stride(1) == 1 else x.contiguous()  # the kernel reads rows as contiguous runs
+    qweight = qweight if qweight.stride(1) == 1 else qweight.contiguous()
     kernel = _int4_mma if config is None else _int4_mma_kernel
     kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, partial, arrived,
