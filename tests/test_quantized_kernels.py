@@ -119,6 +119,17 @@ def test_int4_decoder_ptx_gives_codes_minus_zero_points(dtype, offset):
             assert halves_to_floats(out[2 + e // 2], dtype)[e % 2] == (packed[e] >> 4) - zeros[e]
 
 
+def test_int4_strided_activations_and_weight_rows():
+    """Activations seen through a transpose (column stride 2·…), packed rows inside a wider buffer."""
+    x = _randn(320, 2, seed=4).t()  # [2, 320], stride (1, 2)
+    packed, scales, zeros = (t.to(DEVICE) for t in q.quantize_weight_int4(_randn(24, 320, seed=5), 32))
+    wide = torch.zeros(24, 200, dtype=torch.uint8, device=DEVICE)
+    wide[:, :160] = packed
+    out = kernels.int4_linear(x, wide[:, :160], scales, zeros, 32, None)
+    want = q.w4a16_linear_reference(x.double(), packed, scales.double(), zeros, 32, None)
+    assert _rel(out, want) <= TOL[torch.float32]
+
+
 def test_int4_kernel_refuses_group_sizes_it_cannot_run():
     packed, scales, zeros = q.quantize_weight_int4(torch.randn(8, 48), 24)
     with pytest.raises(ValueError, match="group sizes"):
