@@ -13,6 +13,10 @@ row and stage.  Programs split
 (rows, stage × part of the input); the last program of a row block to arrive adds the parts
 (store_output_tile).  For 1-16 tokens (decode); the codes are read as int32 words (16 codes:
 inputs 16w + j) where the row length allows, else bytes, and x as 16 (or 4) strided slices.
+
+_fairy2i_mma_kernel does the same products on the tensor cores (codes decoded by PTX to 2P and 2Q,
+0 or ±2, exact); it runs when a configuration is passed, until it has been timed on a GPU
+(benchmarks/bench_fairy2i.py --tensor-cores).
 """
 
 from __future__ import annotations
