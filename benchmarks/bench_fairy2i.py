@@ -82,7 +82,7 @@ def main() -> None:
     copy_bw = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_gb_s": copy_bw / 1e9, "rows": []}
     for stages in [int(s) for s in args.stages.split(",")]:
-        for out_features, in_features in ((4096, 4096), (11008, 4096)):
+        for out_features, in_features in ((4096, 4096), (11008, 4096), (4096, 11008)):  # out × in
             results["rows"].append(bench(out_features, in_features, stages, copy_bw, args.floor, args.tensor_cores))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
