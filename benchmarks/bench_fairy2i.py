@@ -19,12 +19,6 @@ from triton.runtime.errors import OutOfResources
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quantized import copies_for, copy_bandwidth, time_rotating
 
-# The tensor-core kernel's candidate configurations: 64 code rows per warp group.
-TENSOR_CORE_CONFIGS = [
-    {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps, "num_stages": 3}
-    for bn, warps in ((64, 4), (128, 4), (128, 8)) for bk in (64, 128, 256) for split in (2, 4, 8)
-]
-
 
 def bench(out_features: int, in_features: int, stages: int, copy_bw: float, floor: bool = False, tensor_cores: bool = False) -> dict:
     from effcc.backends.triton import fairy2i as kernels
@@ -48,9 +42,14 @@ def bench(out_features: int, in_features: int, stages: int, copy_bw: float, floo
     want = cl.fairy2i_linear_reference(x.double(), *packed[0], None)
     got = kernels.fairy2i_linear(x, *packed[0], None)
     row["max_rel_error_vs_reference"] = ((got.double() - want).abs().max() / want.abs().max()).item()
-    if tensor_cores:  # the tensor-core kernel's configurations, each timed and checked (it joins the autotuner from these)
+    if tensor_cores:  # the tensor-core kernel autotuned, and each of its configurations timed and checked
+        row["tensor_cores_ms"] = time_rotating([lambda p=p: kernels.fairy2i_linear(x, *p, None, tensor_cores=True) for p in packed])
+        got = kernels.fairy2i_linear(x, *packed[0], None, tensor_cores=True)
+        row["tensor_cores_max_rel_error"] = ((got.double() - want).abs().max() / want.abs().max()).item()
+        print(f"  tensor cores, autotuned: {row['tensor_cores_ms'] * 1e3:.1f} us -> {row['bf16_cublas_ms'] / row['tensor_cores_ms']:.2f}x, "
+              f"error {row['tensor_cores_max_rel_error']:.1e}", flush=True)
         row["tensor_core_configs"] = []
-        for config in TENSOR_CORE_CONFIGS:
+        for config in kernels.TENSOR_CORE_CONFIGS:
             try:
                 got = kernels.fairy2i_linear(x, *packed[0], None, config=config)
                 ms = time_rotating([lambda p=p, c=config: kernels.fairy2i_linear(x, *p, None, config=c) for p in packed], rep_ms=100)

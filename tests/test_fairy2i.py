@@ -207,7 +207,7 @@ TENSOR_CORE_CONFIGS = [{"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT": 2}, {"BLOCK_N": 3
 
 @pytest.mark.parametrize("tokens,m,n,stages", KERNEL_SHAPES, ids=str)
 def test_tensor_core_kernel_matches_reference(tokens, m, n, stages):
-    """The tensor-core kernel (opt-in by config until timed on a GPU): splits that do not divide the input,
+    """The tensor-core kernel (opt-in until timed on a GPU): splits that do not divide the input,
     rows and inputs past the tiles."""
     from effcc.backends.triton import fairy2i as kernels
 
@@ -215,10 +215,11 @@ def test_tensor_core_kernel_matches_reference(tokens, m, n, stages):
     for dtype in (torch.float32, torch.bfloat16) if CUDA else (torch.float32,):
         x_in, bias_in = x.to(dtype), bias.to(dtype)
         want = cl.fairy2i_linear_reference(x_in.double(), codes, scales, bias_in.double())
-        for config in TENSOR_CORE_CONFIGS:
-            got = kernels.fairy2i_linear(x_in, codes, scales, bias_in, config={**config, "BLOCK_N": 64} if CUDA else config)
-            tolerance = 1e-5 if dtype == torch.float32 else 4.5e-3  # float32 sums; bfloat16: the output rounded once
-            assert got.shape == (tokens, 2 * m) and ((got.double() - want).abs().max() / want.abs().max()) < tolerance
+        tolerance = 1e-5 if dtype == torch.float32 else 4.5e-3  # float32 sums; bfloat16: the output rounded once
+        runs = [{"config": {**config, "BLOCK_N": 64} if CUDA else config} for config in TENSOR_CORE_CONFIGS] + [{"tensor_cores": True}]
+        for run in runs:  # each configuration, and the autotuned kernel
+            got = kernels.fairy2i_linear(x_in, codes, scales, bias_in, **run)
+            assert got.shape == (tokens, 2 * m) and ((got.double() - want).abs().max() / want.abs().max()) < tolerance, run
 
 
 @pytest.mark.parametrize("tokens,m,n,stages", KERNEL_SHAPES, ids=str)

@@ -15,8 +15,8 @@ row and stage.  Programs split
 inputs 16w + j) where the row length allows, else bytes, and x as 16 (or 4) strided slices.
 
 _fairy2i_mma_kernel does the same products on the tensor cores (codes decoded by PTX to 2P and 2Q,
-0 or ±2, exact); it runs when a configuration is passed, until it has been timed on a GPU
-(benchmarks/bench_fairy2i.py --tensor-cores).
+0 or ±2, exact); it runs with fairy2i_linear(..., tensor_cores=True), autotuned, until it has been
+timed on a GPU (benchmarks/bench_fairy2i.py --tensor-cores).
 """
 
 from __future__ import annotations
@@ -131,7 +131,6 @@ _fairy2i = triton.autotune(
     key=["M", "M_OUT", "N_IN", "PER_UNIT"],
 )(_fairy2i_kernel)
 
-_MAX_SPLIT, _SMALLEST_BLOCK_N = splits_and_smallest_block(_fairy2i, split="SPLIT")
 
 
 # ---- tensor cores --------------------------------------------------------------------------------
@@ -251,6 +250,19 @@ def _fairy2i_mma_kernel(
     _store_complex_rows(tl.trans(w_re), tl.trans(w_im), rm, rj, j_ok, M, M_OUT, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
+# The tensor-core kernel's configurations (64 code rows per warp group); bench_fairy2i.py times each.
+TENSOR_CORE_CONFIGS = [
+    {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp, "num_warps": w, "num_stages": 3}
+    for bn, w in ((64, 4), (128, 4), (128, 8)) for bk in (64, 128, 256) for sp in (2, 4, 8)
+]
+_fairy2i_mma = triton.autotune(
+    configs=autotune_configs(TENSOR_CORE_CONFIGS, {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT": 2}),
+    key=["M", "M_OUT", "N_IN"],
+)(_fairy2i_mma_kernel)
+
+_MAX_SPLIT, _SMALLEST_BLOCK_N = splits_and_smallest_block(_fairy2i, _fairy2i_mma, split="SPLIT")
+
+
 @triton.jit
 def _store_complex_rows(w_re, w_im, rm, rj, j_ok, M, M_OUT, BIAS, C, PARTIAL, ARRIVED, stride_cm,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -263,12 +275,13 @@ def _store_complex_rows(w_re, w_im, rm, rj, j_ok, M, M_OUT, BIAS, C, PARTIAL, AR
     store_output_tile(out, tl.program_id(2), rm, cols, M, 2 * M_OUT, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, BLOCK_M, 2 * BLOCK_N)
 
 
-def fairy2i_linear(x, codes, scales, bias, config: dict | None = None) -> torch.Tensor:
+def fairy2i_linear(x, codes, scales, bias, config: dict | None = None, tensor_cores: bool = False) -> torch.Tensor:
     """x [M, 2n] (M ≤ 16) with codes [stages, 2, m, n/4], scales [stages, 2, m, 2] → [M, 2m] in x's dtype.
 
-    config: one configuration in place of autotuning, for tests and sweeps; one with BLOCK_K runs the
-    tensor-core kernel (_fairy2i_mma_kernel: BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages), which
-    joins the autotuner once it has been timed on a GPU (benchmarks/bench_fairy2i.py --tensor-cores)."""
+    tensor_cores: run the autotuned _fairy2i_mma_kernel (16-bit activations; opt-in until it has been
+    timed on a GPU: benchmarks/bench_fairy2i.py --tensor-cores) instead of the multiplication-free kernel.
+    config: one configuration in place of autotuning, for tests and sweeps; one with BLOCK_K is the
+    tensor-core kernel's (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages)."""
     m_tokens = x.shape[0]
     stages, _, m_out, quarter = codes.shape
     if m_tokens > 16:
@@ -278,12 +291,13 @@ def fairy2i_linear(x, codes, scales, bias, config: dict | None = None) -> torch.
     partial = torch.empty((stages * splits * m_tokens * 2 * m_out,), dtype=torch.float32, device=x.device)
     arrived = arrival_counters(x.device, triton.cdiv(m_out, smallest_block))
     codes, scales = codes.contiguous(), scales.float().contiguous()
-    if config is not None and "BLOCK_K" in config:
+    if tensor_cores or (config is not None and "BLOCK_K" in config):
         block_m = max(8, triton.next_power_of_2(m_tokens))  # the tokens' real and imaginary parts: ≥ 16 columns
-        _fairy2i_mma_kernel[(triton.cdiv(m_out, config["BLOCK_N"]), triton.cdiv(m_tokens, block_m), stages * config["SPLIT"])](
+        kernel = _fairy2i_mma if config is None else _fairy2i_mma_kernel
+        kernel[lambda meta: (triton.cdiv(m_out, meta["BLOCK_N"]), triton.cdiv(m_tokens, block_m), stages * meta["SPLIT"])](
             x, codes, scales, bias if bias is not None else scales, out, partial, arrived,
             m_tokens, m_out, 4 * quarter, x.stride(0), codes.stride(0), codes.stride(1), codes.stride(2), out.stride(0),
-            HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETING, BLOCK_M=block_m, **config,
+            HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETING, BLOCK_M=block_m, **(config or {}),
         )
         return out
     per_unit = 16 if quarter % 4 == 0 else 4  # int32 words (little-endian: byte k holds inputs 4k..4k+3)
