@@ -1,4 +1,4 @@
-"""Fairy2i one-token GEMV on one GPU: effcc's multiplication-free kernel vs bf16 cuBLAS, side by side.
+"""Fairy2i one-token GEMV on one GPU: effcc's two kernels (multiplication-free, tensor cores) vs bf16 cuBLAS, side by side.
 
     python benchmarks/bench_fairy2i.py [--stages 1,2,3] [--tensor-cores] [--floor] [--out FILE]
 
@@ -36,18 +36,18 @@ def bench(out_features: int, in_features: int, stages: int, copy_bw: float, floo
     packed = packed * max(1, copies_for(nbytes) // len(packed))
     row = {"out": out_features, "in": in_features, "stages": stages, "bytes": nbytes}
     row["bf16_cublas_ms"] = time_rotating([lambda w=w: x @ w.t() for w in weights])
-    row["effcc_ms"] = time_rotating([lambda p=p: kernels.fairy2i_linear(x, *p, None) for p in packed])
+    row["effcc_ms"] = time_rotating([lambda p=p: kernels.fairy2i_linear(x, *p, None) for p in packed])  # the default kernel
+    row["multiplication_free_ms"] = time_rotating([lambda p=p: kernels.fairy2i_linear(x, *p, None, tensor_cores=False) for p in packed])
+    row["tensor_cores_ms"] = time_rotating([lambda p=p: kernels.fairy2i_linear(x, *p, None, tensor_cores=True) for p in packed])
     row["speedup_vs_bf16"] = row["bf16_cublas_ms"] / row["effcc_ms"]
     row["bandwidth_share_of_copy"] = nbytes / (row["effcc_ms"] * 1e-3) / copy_bw
     want = cl.fairy2i_linear_reference(x.double(), *packed[0], None)
     got = kernels.fairy2i_linear(x, *packed[0], None)
     row["max_rel_error_vs_reference"] = ((got.double() - want).abs().max() / want.abs().max()).item()
-    if tensor_cores:  # the tensor-core kernel autotuned, and each of its configurations timed and checked
-        row["tensor_cores_ms"] = time_rotating([lambda p=p: kernels.fairy2i_linear(x, *p, None, tensor_cores=True) for p in packed])
-        got = kernels.fairy2i_linear(x, *packed[0], None, tensor_cores=True)
-        row["tensor_cores_max_rel_error"] = ((got.double() - want).abs().max() / want.abs().max()).item()
-        print(f"  tensor cores, autotuned: {row['tensor_cores_ms'] * 1e3:.1f} us -> {row['bf16_cublas_ms'] / row['tensor_cores_ms']:.2f}x, "
-              f"error {row['tensor_cores_max_rel_error']:.1e}", flush=True)
+    for name, on_tensor_cores in (("multiplication_free", False), ("tensor_cores", True)):
+        got = kernels.fairy2i_linear(x, *packed[0], None, tensor_cores=on_tensor_cores)
+        row[f"{name}_max_rel_error"] = ((got.double() - want).abs().max() / want.abs().max()).item()
+    if tensor_cores:  # each configuration of the tensor-core kernel timed and checked (the autotuner's come from these)
         row["tensor_core_configs"] = []
         for config in kernels.TENSOR_CORE_CONFIGS:
             try:
@@ -67,7 +67,8 @@ def bench(out_features: int, in_features: int, stages: int, copy_bw: float, floo
         words_per_row = nbytes // (4 * out_features)
         row["read_floor"] = read_floor(out_features, 8 * words_per_row, row["bf16_cublas_ms"], copy_bw, g)
     print(f"Fairy2i {stages} stage(s) {out_features}x{in_features}: bf16 {row['bf16_cublas_ms'] * 1e3:.1f} us, effcc {row['effcc_ms'] * 1e3:.1f} us "
-          f"-> {row['speedup_vs_bf16']:.2f}x, {100 * row['bandwidth_share_of_copy']:.0f}% of copy bandwidth, error {row['max_rel_error_vs_reference']:.1e}", flush=True)
+          f"-> {row['speedup_vs_bf16']:.2f}x, {100 * row['bandwidth_share_of_copy']:.0f}% of copy bandwidth, error {row['max_rel_error_vs_reference']:.1e}; "
+          f"multiplication-free {row['multiplication_free_ms'] * 1e3:.1f} us, tensor cores {row['tensor_cores_ms'] * 1e3:.1f} us", flush=True)
     return row
 
 

@@ -207,7 +207,7 @@ TENSOR_CORE_CONFIGS = [{"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT": 2}, {"BLOCK_N": 3
 
 @pytest.mark.parametrize("tokens,m,n,stages", KERNEL_SHAPES, ids=str)
 def test_tensor_core_kernel_matches_reference(tokens, m, n, stages):
-    """The tensor-core kernel (opt-in until timed on a GPU): splits that do not divide the input,
+    """The tensor-core kernel (the default for 16-bit activations and ≥ 2 stages): splits that do not divide the input,
     rows and inputs past the tiles."""
     from effcc.backends.triton import fairy2i as kernels
 
