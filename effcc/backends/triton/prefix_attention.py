@@ -13,7 +13,7 @@ forward       one program per (head, query block), the last blocks first; online
               masked tail (the diagonal).  Blocks may straddle segments and groups: rows then
               see different keys, and the per-element mask sorts it out.
 backward      delta = rowsum(dO · O) first (a small kernel), then
-              dK, dV: one program per (key block, kv head); its queries are the contiguous
+              dK, dV: one program per (kv head, key block), heads fastest; its queries are the contiguous
                       range [block start, max visible_until of the block), for every query head
                       that reads the kv head, so the sum over shared heads needs no atomics.
               dQ:     one program per (query block, head), the key ranges of the forward.
@@ -41,7 +41,7 @@ from .quantized_linear import INTERPRETING, autotune_configs
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): the kernels work in base 2
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
-MAX_TOKENS = 65535 * 32  # the forward's query blocks (at least 32 rows on the GPU) lie on grid axis 1
+MAX_TOKENS = 65535 * 32  # the forward's query blocks and dK/dV's key blocks (at least 32 rows on the GPU) lie on grid axis 1
 
 
 # ---- shared pieces --------------------------------------------------------------------------------
@@ -273,8 +273,7 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math (and loop state) fp32
-    n0 = tl.program_id(0) * BLOCK_N
-    kv_head = tl.program_id(1)
+    kv_head, n0 = tl.program_id(0), tl.program_id(1) * BLOCK_N  # heads fastest: see _DKDV_ORDER
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < N
@@ -394,6 +393,12 @@ _FORWARD = _tuned(_forward_kernel, "forward")
 _DKDV = _tuned(_dkdv_kernel, "dkdv")
 _DQ = _tuned(_dq_kernel, "dq")
 _DELTA_BLOCK_M = 16 if INTERPRETING else 64
+# _DKDV_ORDER: the dK/dV grid is (kv heads, key blocks), heads fastest, so that the heavy key blocks of
+# the prefix (each read by every later query of its group: up to P + G·S rows, against at most S for
+# a suffix's keys) start for every head before any head's light suffix blocks; with key blocks
+# fastest, one head's light blocks filled the first wave and the last heads' heavy ones ran alone at
+# the end.  A list-scheduling model (two programs per SM, 132 SMs, 16 heads) gave 18–34 % less time
+# at P = 1024 and 5–16 % at P = 4096; the forward gained 4–14 % from the same ordering (measured).
 
 
 # ---- entry points -----------------------------------------------------------------------------------
@@ -468,7 +473,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         HEAD_DIM=d, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d,
     )
     common = (n, _n_bucket(n), heads // kv_heads, scale * LOG2E.value, scale)
-    wrap_triton(_DKDV[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), kv_heads)](
+    wrap_triton(_DKDV[d > 128])[lambda meta: (kv_heads, triton.cdiv(n, meta["BLOCK_N"]))](
         q, k, v, grad_out, lse, delta, dk, dv, visible_until,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
