@@ -36,17 +36,15 @@ def bench(out_features: int, in_features: int, stages: int, copy_bw: float, floo
     packed = packed * max(1, copies_for(nbytes) // len(packed))
     row = {"out": out_features, "in": in_features, "stages": stages, "bytes": nbytes}
     row["bf16_cublas_ms"] = time_rotating([lambda w=w: x @ w.t() for w in weights])
-    row["effcc_ms"] = time_rotating([lambda p=p: kernels.fairy2i_linear(x, *p, None) for p in packed])  # the default kernel
-    row["multiplication_free_ms"] = time_rotating([lambda p=p: kernels.fairy2i_linear(x, *p, None, tensor_cores=False) for p in packed])
-    row["tensor_cores_ms"] = time_rotating([lambda p=p: kernels.fairy2i_linear(x, *p, None, tensor_cores=True) for p in packed])
-    row["speedup_vs_bf16"] = row["bf16_cublas_ms"] / row["effcc_ms"]
-    row["bandwidth_share_of_copy"] = nbytes / (row["effcc_ms"] * 1e-3) / copy_bw
     want = cl.fairy2i_linear_reference(x.double(), *packed[0], None)
-    got = kernels.fairy2i_linear(x, *packed[0], None)
-    row["max_rel_error_vs_reference"] = ((got.double() - want).abs().max() / want.abs().max()).item()
-    for name, on_tensor_cores in (("multiplication_free", False), ("tensor_cores", True)):
+    for name, on_tensor_cores in (("multiplication_free", False), ("tensor_cores", True)):  # both kernels, timed and checked
+        row[f"{name}_ms"] = time_rotating([lambda p=p, t=on_tensor_cores: kernels.fairy2i_linear(x, *p, None, tensor_cores=t) for p in packed])
         got = kernels.fairy2i_linear(x, *packed[0], None, tensor_cores=on_tensor_cores)
         row[f"{name}_max_rel_error"] = ((got.double() - want).abs().max() / want.abs().max()).item()
+    default = "tensor_cores" if kernels.on_tensor_cores_by_default(x.dtype, stages) else "multiplication_free"
+    row["effcc_ms"], row["max_rel_error_vs_reference"] = row[f"{default}_ms"], row[f"{default}_max_rel_error"]
+    row["speedup_vs_bf16"] = row["bf16_cublas_ms"] / row["effcc_ms"]
+    row["bandwidth_share_of_copy"] = nbytes / (row["effcc_ms"] * 1e-3) / copy_bw
     if tensor_cores:  # each configuration of the tensor-core kernel timed and checked (the autotuner's come from these)
         row["tensor_core_configs"] = []
         for config in kernels.TENSOR_CORE_CONFIGS:

@@ -132,7 +132,6 @@ _fairy2i = triton.autotune(
 )(_fairy2i_kernel)
 
 
-
 # ---- tensor cores --------------------------------------------------------------------------------
 # Four bytes of codes in $16 → for code j of each byte (bits 2j = a, 2j+1 = b), 2P in $2j, $2j+1 and 2Q in
 # $8+2j, $9+2j, as 16-bit floats two a register (bytes 0, 1 in the first, 2, 3 in the second):
@@ -282,14 +281,19 @@ def _store_complex_rows(w_re, w_im, rm, rj, j_ok, M, M_OUT, BIAS, C, PARTIAL, AR
     store_output_tile(out, tl.program_id(2), rm, cols, M, 2 * M_OUT, BIAS, C, PARTIAL, ARRIVED, stride_cm, HAS_BIAS, BLOCK_M, 2 * BLOCK_N)
 
 
+def on_tensor_cores_by_default(dtype: torch.dtype, stages: int) -> bool:
+    """The default kernel: the tensor cores for 16-bit activations and two or more stages, 1.45–1.6×
+    faster than the multiplication-free kernel there (H100, bf16, one token, benchmarks/bench_fairy2i.py
+    --tensor-cores); one stage keeps the multiplication-free kernel (the tensor cores untimed there),
+    and so does float32 (exact float32 products do not run on the tensor cores)."""
+    return dtype in (torch.bfloat16, torch.float16) and stages >= 2
+
+
 def fairy2i_linear(x, codes, scales, bias, config: dict | None = None, tensor_cores: bool | None = None) -> torch.Tensor:
     """x [M, 2n] (M ≤ 16) with codes [stages, 2, m, n/4], scales [stages, 2, m, 2] → [M, 2m] in x's dtype.
 
-    tensor_cores: run _fairy2i_mma_kernel (True) or the multiplication-free _fairy2i_kernel (False).
-    By default the tensor cores for 16-bit activations and two or more stages: 1.45–1.6× faster than
-    the multiplication-free kernel there (H100, bf16, one token, benchmarks/bench_fairy2i.py
-    --tensor-cores); one stage keeps the multiplication-free kernel (the tensor cores untimed there),
-    and so does float32 (exact float32 products do not run on the tensor cores).
+    tensor_cores: run _fairy2i_mma_kernel (True) or the multiplication-free _fairy2i_kernel (False);
+    by default as on_tensor_cores_by_default says.
     config: one configuration in place of autotuning, for tests and sweeps; one with BLOCK_K is the
     tensor-core kernel's (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages)."""
     m_tokens = x.shape[0]
@@ -304,7 +308,7 @@ def fairy2i_linear(x, codes, scales, bias, config: dict | None = None, tensor_co
     if config is not None:
         tensor_cores = "BLOCK_K" in config
     elif tensor_cores is None:
-        tensor_cores = x.dtype in (torch.bfloat16, torch.float16) and stages >= 2
+        tensor_cores = on_tensor_cores_by_default(x.dtype, stages)
     if tensor_cores:
         block_m = max(8, triton.next_power_of_2(m_tokens))  # the tokens' real and imaginary parts: ≥ 16 columns
         kernel = _fairy2i_mma if config is None else _fairy2i_mma_kernel
