@@ -17,6 +17,8 @@
    after the compiled warm-up and replayed, both sides alike: at this model size a compiled step
    takes longer for the CPU to issue (guards, wrappers, ~10³ launches) than for the GPU to run, and
    the graph takes that cost out of both.  The grouped side packs its batch once (grouped.pack), outside the graph.
+   --breakdown: each side's step profiled, its GPU time summed by kind of kernel (attention, matmuls,
+   Inductor's fused kernels, other), to see what keeps the grouped step from the ideal ratio.
 """
 
 from __future__ import annotations
@@ -164,6 +166,36 @@ def grouped_step(grouped, prefix, suffixes, weights):
     (grouped.token_logprobs(prefix, suffixes) * weights).sum().backward()
 
 
+KERNEL_KINDS = (  # (kind, name fragments), first match wins: where a step's GPU time goes
+    ("attention", ("_forward_kernel", "_dkdv_kernel", "_dq_kernel", "_delta_kernel", "flash", "fmha", "attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "matmul")),
+    ("fused elementwise / reductions (Inductor)", ("triton_",)),
+)
+
+
+def kernel_breakdown(step, let_go_of_gradients, steps=3) -> dict:
+    """GPU time of `step` by kind of kernel (torch.profiler, warm step; the kernels a CUDA graph of it
+    replays: gradients let go before each step, so none is added to an old one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            let_go_of_gradients()
+            step()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
+               if e.device_time_total > 0 and not e.key.startswith(("Memcpy", "Memset", "cuda"))]
+    kinds: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        kind = next((kind for kind, fragments in KERNEL_KINDS if any(f in name for f in fragments)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    kernels.sort(key=lambda k: -k[1])
+    return {"total_ms": sum(ms for _, ms, _ in kernels), "by_kind_ms": kinds,
+            "kernels": [{"kernel": name[:120], "ms": round(ms, 4), "launches": count} for name, ms, count in kernels]}
+
+
 def captured(step, let_go_of_gradients) -> torch.cuda.CUDAGraph:
     """`step` warmed up on a side stream, then captured as one CUDA graph.  The gradients are let go
     before the capture, so they land in the graph's memory and every replay writes them anew (as a step
@@ -246,7 +278,7 @@ def compiled_sides(model, eager: bool, whole_graph: bool, mode: str | None = Non
 
 
 def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=False, whole_graph=False, mode=None,
-               blocks_per_part=1, cuda_graph=False) -> list[dict]:
+               blocks_per_part=1, cuda_graph=False, breakdown=False) -> list[dict]:
     model = decoder()
     params = sum(p.numel() for p in model.parameters())
     print(f"  model: {params / 1e6:.0f}M parameters", flush=True)
@@ -278,6 +310,10 @@ def model_rows(shapes, on_row=lambda row: None, budget_s=float("inf"), eager=Fal
                 row[f"{name}_ms"], row[f"{name}_peak_GiB"] = None, "OOM"
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
+            if breakdown and row[f"{name}_ms"]:
+                row[f"{name}_kernels"] = kernel_breakdown(fn, lambda: model.zero_grad(set_to_none=True))
+                model.zero_grad(set_to_none=True)
+                print(f"  {name} kernels: " + json.dumps(row[f"{name}_kernels"]["by_kind_ms"]), flush=True)
             if cuda_graph and row[f"{name}_ms"] and name not in FAILED_CAPTURES:
                 row.update(graphed_timing(name, grouped, model, fn, prefix, suffixes, weights, fingerprint))
         if row["grouped_ms"] and row["ungrouped_ms"]:
@@ -344,6 +380,7 @@ def main():
     parser.add_argument("--blocks-per-part", type=int, default=1, help="compile runs of this many layers as one part (both sides)")
     parser.add_argument("--mode", help="torch.compile mode for both sides (reduce-overhead fails by layer: pytorch#152887)")
     parser.add_argument("--cuda-graph", action="store_true", help="also time each side's whole step captured as one CUDA graph")
+    parser.add_argument("--breakdown", action="store_true", help="also profile each side's step: GPU time by kind of kernel")
     parser.add_argument("--shapes", help="model shapes as PxGxS,PxGxS (default: the 12 of the issue)")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no new model shape after this many seconds")
     args = parser.parse_args()
@@ -372,7 +409,7 @@ def main():
         save()
     result["model"] = []
     model_rows(shapes, on_row=lambda row: (result["model"].append(row), save()), budget_s=args.budget_s, eager=args.eager,
-               whole_graph=args.whole_graph, mode=args.mode, blocks_per_part=args.blocks_per_part, cuda_graph=args.cuda_graph)
+               whole_graph=args.whole_graph, mode=args.mode, blocks_per_part=args.blocks_per_part, cuda_graph=args.cuda_graph, breakdown=args.breakdown)
     print(f"wrote {out}")
 
 
