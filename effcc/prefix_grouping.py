@@ -263,7 +263,14 @@ def _export_any_length(model, kwargs, dynamic, ids_name):
 @contextlib.contextmanager
 def _sdpa_attention(model: nn.Module):
     """Hugging Face models choose their attention code by name: capture them with SDPA, then restore the choice."""
-    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    config = getattr(model, "config", None)
+    soft_cap = getattr(config, "attn_logit_softcapping", None)
+    if soft_cap:  # some transformers versions give such models an SDPA path that drops the cap: not the model's attention
+        raise SharedPrefixError(
+            f"{type(model).__name__} has no scaled_dot_product_attention form: it soft-caps its attention scores "
+            f"(attn_logit_softcapping={soft_cap}), which grouped runs, splitting that op, cannot reproduce"
+        )
+    previous = getattr(config, "_attn_implementation", None)
     switch = previous not in (None, "sdpa") and hasattr(model, "set_attn_implementation")
     if switch:
         try:

@@ -366,38 +366,46 @@ def _dq_kernel(
 # (BLOCK_M, BLOCK_N, warps, stages) for head dims up to 128, and past 128 (tiles of at most 64
 # rows, fewer stages: shared memory; the last fits fp32 at D = 256).  Measured on an H100 (bf16,
 # D = 64, N = 4096, causal and 2 × (P = 1024 + 4 × 256)): 64 × 64, 4 warps, 3 stages was the
-# fastest for all three kernels; the rest are there for other head dims, lengths and dtypes.  The
-# 32-row tiles are for short packed sequences (N ≈ 2000–3000): the heaviest program (the first
-# prefix key block for dK/dV, the last query block for the forward and dQ) runs through the whole
-# sequence, and halving its tile halves that critical path while the grid grows to fill the SMs.
+# fastest for all three kernels; the rest are there for other head dims, lengths and dtypes.
 _TILES = {
-    "forward": ([(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
+    "forward": ([(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
                 [(64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]),
-    "dkdv": ([(64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 3), (32, 128, 4, 3), (32, 128, 4, 5),
-              (64, 128, 4, 3), (64, 128, 8, 3)],
+    "dkdv": ([(64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 4, 2), (32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 4, 3), (64, 128, 8, 3)],
              [(32, 64, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)]),
-    "dq": ([(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2)],
+    "dq": ([(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2)],
            [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)]),
 }
+# More tiles for short packed sequences (head dims ≤ 128): 32 rows where each program walks the whole
+# sequence (the keys of dK/dV, the queries of the forward and dQ).  The heaviest program (the first
+# prefix key block for dK/dV, the last query block for the others) runs through all N rows, and at
+# N ≈ 2000–3000 that path is longer than the average work per SM; halving its tile halves it while
+# the grid grows to fill the SMs.  Kept out at longer lengths, where the work per SM is far longer than
+# any one program: under torch.compile Inductor tunes a kernel once, on the first length it sees, and
+# so tunes each class of lengths apart (SHORT_SEQUENCE: the compiled graph guards on the class).
+SHORT_SEQUENCE = 4096
+_SHORT_TILES = {"forward": [(32, 64, 4, 3)], "dkdv": [(64, 32, 4, 3), (32, 32, 4, 3)], "dq": [(32, 64, 4, 3), (32, 32, 4, 3)]}
 # The interpreter's block sizes: small, and different between the kernels so that the tests see
 # blocks straddle segments in different places.
 _SMALL = {"forward": (16, 16), "dkdv": (16, 32), "dq": (32, 16)}
 _KEY = ["N_BUCKET", "HEAD_DIM"]
 
 
-def _tuned(kernel, name: str) -> list:
-    """`kernel` autotuned over _TILES[name]: [for head dims ≤ 128, for larger ones] (separate
-    autotuners rather than prune_configs_by, which not every torch version traces)."""
+def _tuned(kernel, name: str) -> dict[tuple[bool, bool], triton.runtime.Autotuner]:
+    """`kernel` autotuned over _TILES[name], by (head dim > 128, N ≤ SHORT_SEQUENCE): separate autotuners
+    rather than prune_configs_by, which not every torch version traces."""
     small = {"BLOCK_M": _SMALL[name][0], "BLOCK_N": _SMALL[name][1], "num_warps": 4, "num_stages": 1}
     orders = [{}]
     if name == "dkdv":  # the interpreter runs key blocks fastest, a GPU's smallest configuration heads fastest: tests see both
         orders, small = [{"HEADS_FIRST": first} for first in _DKDV_ORDERS], {**small, "HEADS_FIRST": 0}
-    return [
-        triton.autotune(configs=autotune_configs([{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, **order}
-                                                  for m, n, w, s in tiles for order in orders], small),
-                        key=_KEY)(kernel)
-        for tiles in _TILES[name]
-    ]
+
+    def autotuned(tiles):
+        configs = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, **order} for m, n, w, s in tiles for order in orders]
+        return triton.autotune(configs=autotune_configs(configs, small), key=_KEY)(kernel)
+
+    narrow, wide = _TILES[name]
+    wide_tuned = autotuned(wide)
+    return {(False, False): autotuned(narrow), (False, True): autotuned(narrow + _SHORT_TILES[name]),
+            (True, False): wide_tuned, (True, True): wide_tuned}
 
 
 # _DKDV_ORDERS: the dK/dV grid runs either heads fastest, (kv heads, key blocks), or key blocks
@@ -426,6 +434,12 @@ def tokens_major(shape: tuple[int, int, int], like: Tensor) -> Tensor:
     gradients over in that layout, so tokens-major results need no copy on either side of the op."""
     heads, n, d = shape
     return torch.empty((n, heads, d), dtype=like.dtype, device=like.device).transpose(0, 1)
+
+
+def _tiles_class(n, d: int) -> tuple[bool, bool]:
+    """Which autotuner serves this call: (head dim > 128, N ≤ SHORT_SEQUENCE).  A symbolic N (Inductor
+    tracing the op) makes that a guard, so a compiled graph serves one class of lengths."""
+    return d > 128, bool(n <= SHORT_SEQUENCE)
 
 
 def _n_bucket(n) -> int:
@@ -465,7 +479,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Te
     lse = torch.empty((heads, n), dtype=torch.float32, device=q.device)
     if n == 0 or heads == 0:
         return out, lse
-    wrap_triton(_FORWARD[d > 128])[lambda meta: (heads, triton.cdiv(n, meta["BLOCK_M"]))](
+    wrap_triton(_FORWARD[_tiles_class(n, d)])[lambda meta: (heads, triton.cdiv(n, meta["BLOCK_M"]))](
         q, k, v, out, lse, group_start, prefix_end, segment_start,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         n, _n_bucket(n), heads // k.shape[0], scale * LOG2E.value,
@@ -497,13 +511,13 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         key_blocks = triton.cdiv(n, meta["BLOCK_N"])
         return (kv_heads, key_blocks) if meta["HEADS_FIRST"] else (key_blocks, kv_heads)
 
-    wrap_triton(_DKDV[d > 128])[dkdv_grid](
+    wrap_triton(_DKDV[_tiles_class(n, d)])[dkdv_grid](
         q, k, v, grad_out, lse, delta, dk, dv, visible_until,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         *common, HEAD_DIM=d, BLOCK_D=block_d,
     )
-    wrap_triton(_DQ[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
+    wrap_triton(_DQ[_tiles_class(n, d)])[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
         q, k, v, grad_out, lse, delta, dq, group_start, prefix_end, segment_start, visible_until,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
         dq.stride(0), dq.stride(1),
