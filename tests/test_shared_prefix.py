@@ -148,7 +148,7 @@ def test_more_architectures_through_the_graph(arch, monkeypatch):
     rms_norm_in_float64(monkeypatch)
     torch.manual_seed(0)
     model = _more_architectures()[arch]().double().eval()
-    if not getattr(model, "_supports_sdpa", True):  # GPT-J before transformers 5: attention by hand, refused with the reason
+    if not getattr(model, "_supports_sdpa", True):  # GPT-J in transformers 5.17 (not 5.25): attention by hand, refused with the reason
         with pytest.raises(SharedPrefixError, match="no scaled_dot_product_attention"):
             effcc.shared_prefix(model)
         return
