@@ -235,6 +235,7 @@ def shared_prefix(model: nn.Module, *, compile: bool = False) -> SharedPrefixMod
         dynamic[positions_name] = {1: Dim.AUTO}
     if "use_cache" in parameters:
         kwargs["use_cache"], dynamic["use_cache"] = False, None
+    _refuse_soft_capped_scores(model)
     with _sdpa_attention(model):
         exported = _export_any_length(model, kwargs, dynamic, ids_name)
     gm = exported.module()
@@ -260,17 +261,21 @@ def _export_any_length(model, kwargs, dynamic, ids_name):
     return exported
 
 
-@contextlib.contextmanager
-def _sdpa_attention(model: nn.Module):
-    """Hugging Face models choose their attention code by name: capture them with SDPA, then restore the choice."""
-    config = getattr(model, "config", None)
-    soft_cap = getattr(config, "attn_logit_softcapping", None)
-    if soft_cap:  # some transformers versions give such models an SDPA path that drops the cap: not the model's attention
+def _refuse_soft_capped_scores(model: nn.Module) -> None:
+    """Soft-capped attention scores (Gemma 2) have no SDPA form, though some transformers versions give
+    such models an SDPA path that drops the cap: grouping that path would not be the model's attention."""
+    soft_cap = getattr(getattr(model, "config", None), "attn_logit_softcapping", None)
+    if soft_cap:
         raise SharedPrefixError(
             f"{type(model).__name__} has no scaled_dot_product_attention form: it soft-caps its attention scores "
             f"(attn_logit_softcapping={soft_cap}), which grouped runs, splitting that op, cannot reproduce"
         )
-    previous = getattr(config, "_attn_implementation", None)
+
+
+@contextlib.contextmanager
+def _sdpa_attention(model: nn.Module):
+    """Hugging Face models choose their attention code by name: capture them with SDPA, then restore the choice."""
+    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
     switch = previous not in (None, "sdpa") and hasattr(model, "set_attn_implementation")
     if switch:
         try:
