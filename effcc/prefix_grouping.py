@@ -281,15 +281,21 @@ def _sdpa_attention(model: nn.Module):
         try:
             model.set_attn_implementation("sdpa")
         except (ValueError, ImportError) as error:  # transformers has no SDPA form of this model's attention
-            raise SharedPrefixError(
-                f"{type(model).__name__} has no scaled_dot_product_attention form in transformers ({first_line(error, 160)}); "
-                "grouped runs split that op, so attention computed another way (Gemma 2's soft-capped scores, for one) cannot be grouped"
-            ) from error
+            raise _no_sdpa_form(model, first_line(error, 160)) from error
+        if model.config._attn_implementation == previous:  # some models (BLOOM) only log a warning and keep theirs
+            raise _no_sdpa_form(model, f"it keeps attn_implementation={previous!r}")
     try:
         yield
     finally:
         if switch:
             model.set_attn_implementation(previous)
+
+
+def _no_sdpa_form(model: nn.Module, why: str) -> SharedPrefixError:
+    return SharedPrefixError(
+        f"{type(model).__name__} has no scaled_dot_product_attention form in transformers ({why}); grouped runs split "
+        "that op, so attention computed another way (BLOOM's ALiBi bias, Gemma 2's soft-capped scores) cannot be grouped"
+    )
 
 
 def _logits_leaf(gm, kwargs) -> int:

@@ -281,9 +281,25 @@ def test_bidirectional_attention_is_refused():
 
 
 def test_attention_written_out_by_hand_is_refused():
-    # BLOOM adds its ALiBi bias with baddbmm and a softmax: no SDPA node to split
-    with pytest.raises(SharedPrefixError, match="no scaled_dot_product_attention"):
-        effcc.shared_prefix(build("bloom", torch.float64))
+    # BLOOM adds its ALiBi bias with baddbmm and a softmax, and transformers has no SDPA form of it
+    model = build("bloom", torch.float64)
+    with pytest.raises(SharedPrefixError, match="BloomForCausalLM has no scaled_dot_product_attention form"):
+        effcc.shared_prefix(model)
+    assert model.config._attn_implementation == "eager"  # left as it was
+
+    class HandWrittenDecoder(nn.Module):  # not a Hugging Face model: found out from the captured graph
+        def __init__(self):
+            super().__init__()
+            self.embed, self.qkv, self.head = nn.Embedding(VOCAB, 16), nn.Linear(16, 48), nn.Linear(16, VOCAB)
+
+        def forward(self, input_ids):
+            q, k, v = self.qkv(self.embed(input_ids)).chunk(3, dim=-1)
+            n = input_ids.shape[1]
+            scores = (q @ k.transpose(1, 2)).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            return self.head(scores.softmax(-1) @ v)
+
+    with pytest.raises(SharedPrefixError, match="no scaled_dot_product_attention in the captured graph.*written out by hand"):
+        effcc.shared_prefix(HandWrittenDecoder().eval())
 
 
 def test_a_model_without_an_sdpa_form_is_refused_with_the_reason():

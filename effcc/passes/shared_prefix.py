@@ -77,7 +77,7 @@ def attention_sites(gm: fx.GraphModule, ids_name: str) -> list[AttentionSite]:
     if not sites:
         raise SharedPrefixError(
             "no scaled_dot_product_attention in the captured graph: the model's attention is written out by hand "
-            "(for Hugging Face models, load with attn_implementation='sdpa')"
+            "(matmuls and a softmax), which cannot be split; write it with torch.nn.functional.scaled_dot_product_attention"
         )
     return sites
 
