@@ -44,15 +44,15 @@ def profile_shape(prefix: int, groups: int, suffix: int, heads: int, head_dim: i
           f"{flops / total / 1e9:.0f} TFLOP/s")
     for name, ms in kernels:
         print(f"  {ms:7.3f} ms  {name[:70]}")
-    print("  autotuned: " + "; ".join(f"{name} {tuner.best_config}" for name, tuner in chosen_configs(head_dim)))
+    print("  autotuned: " + "; ".join(f"{name} {tuner.best_config}" for name, tuner in chosen_configs(head_dim, n)))
 
 
-def chosen_configs(head_dim: int):
-    """(kernel name, its autotuner) of the kernels that ran at this head dim: best_config is the last shape's choice."""
+def chosen_configs(head_dim: int, n: int):
+    """(kernel name, its autotuner) of the kernels that ran at this head dim and length: best_config is this shape's choice."""
     from effcc.backends.triton import prefix_attention as kernels
 
-    wide = head_dim > 128
-    return [("forward", kernels._FORWARD[wide]), ("dK/dV", kernels._DKDV[wide]), ("dQ", kernels._DQ[wide])]
+    which = (head_dim > 128, n <= kernels.SHORT_SEQUENCE)
+    return [("forward", kernels._FORWARD[which]), ("dK/dV", kernels._DKDV[which]), ("dQ", kernels._DQ[which])]
 
 
 def main():

@@ -104,6 +104,23 @@ def test_single_token_segments():
     _check_against_reference(layout, q, k, v, grad_out, torch.float32, torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["kernels", "float64-reference"])
+def test_results_are_tokens_major(dtype):
+    """The op's output and gradients lie in memory as [N, H, D], as SDPA's do, on every path: the model
+    reads them back as [N, H·D] (o_proj, the q/k/v projections' backward) with no copy."""
+    import effcc.ops.prefix_attention  # noqa: F401 -- registers torch.ops.effcc
+
+    layout, q, k, v, grad_out = _inputs(LAYOUTS["two-groups-ragged"], 4, 2, 16, dtype, seed=7, strided=True)
+    grad_out = grad_out.transpose(0, 1).contiguous().transpose(0, 1)  # as the model's reshape hands it back
+    out, lse = torch.ops.effcc.prefix_attention_fwd(q, k, v, *layout.op_inputs(), 0.25)
+    grads = torch.ops.effcc.prefix_attention_bwd(grad_out, q, k, v, out, lse, *layout.op_inputs(), 0.25)
+    for name, t in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+        assert t.transpose(0, 1).is_contiguous(), f"{name} strides {t.stride()}"
+    ref_out, _, ref_dq, ref_dk, ref_dv = _reference(layout, q, k, v, grad_out, 0.25, torch.float64)
+    for name, t, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, ref_dq, ref_dk, ref_dv)):
+        _close(t, ref, torch.float32, name)
+
+
 def test_rejects_mismatched_shapes():
     layout, q, k, v, _ = _inputs(LAYOUTS["one-group"], 3, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="multiple of Hkv"):

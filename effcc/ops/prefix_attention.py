@@ -125,12 +125,20 @@ def _kernels():
     return prefix_attention
 
 
+def _tokens_major(t: Tensor) -> Tensor:
+    """[H, N, D] laid out as [N, H, D] in memory, the layout of the kernels' results (see
+    backends.triton.prefix_attention.tokens_major): every path of an op returns the same strides."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
 def _reference_with_lse(q, k, v, group_start, prefix_end, segment_start, scale):
-    return attention_with_lse(q, k, v, visible_keys(group_start, prefix_end, segment_start), scale)
+    out, lse = attention_with_lse(q, k, v, visible_keys(group_start, prefix_end, segment_start), scale)
+    return _tokens_major(out), lse
 
 
 def _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, scale):
-    return attention_backward(grad_out, q, k, v, out, lse, visible_keys(group_start, prefix_end, segment_start), scale)
+    grads = attention_backward(grad_out, q, k, v, out, lse, visible_keys(group_start, prefix_end, segment_start), scale)
+    return tuple(_tokens_major(g) for g in grads)
 
 
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -172,15 +180,13 @@ def attention_backward(grad_out, q, k, v, out, lse, mask: Tensor, scale: float) 
 def _kernel_forward(q, k, v, group_start, prefix_end, segment_start, scale):
     if not _runs_kernels(q):
         return _reference_with_lse(q, k, v, group_start, prefix_end, segment_start, scale)
-    out, lse = _kernels().forward(q, k, v, group_start, prefix_end, segment_start, scale)
-    return out.contiguous(), lse.contiguous()
+    return _kernels().forward(q, k, v, group_start, prefix_end, segment_start, scale)
 
 
 def _kernel_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale):
     if not _runs_kernels(q):
         return _reference_backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, scale)
-    grads = _kernels().backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
-    return tuple(g.contiguous() for g in grads)
+    return _kernels().backward(grad_out, q, k, v, out, lse, group_start, prefix_end, segment_start, visible_until, scale)
 
 
 @triton_op("effcc::prefix_attention_fwd", mutates_args=())
@@ -188,6 +194,8 @@ def prefix_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor, visible_until: Tensor, scale: float,
 ) -> tuple[Tensor, Tensor]:
     """q [H, N, D], k and v [Hkv, N, D] → (out [H, N, D], lse [H, N]: float32, float64 for float64 inputs).
+    out (and the backward's gradients) are tokens-major, [N, H, D] in memory, as SDPA's are: the model
+    reads out as [N, H·D] and its q, k, v come from [N, H·D] projections, so no side copies.
 
     The layout is PackedLayout.op_inputs(); visible_until is only read by the backward.  CUDA runs
     effcc's Triton kernels (measured faster than FlashAttention's varlen kernels split into a prefix
@@ -224,7 +232,8 @@ def _save_for_backward(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, *layout = ctx.saved_tensors
-    dq, dk, dv = torch.ops.effcc.prefix_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, *layout, ctx.scale)
+    # grad_out as it comes (tokens-major from the model's reshape): the kernels need only unit-stride rows
+    dq, dk, dv = torch.ops.effcc.prefix_attention_bwd(grad_out, q, k, v, out, lse, *layout, ctx.scale)
     return dq, dk, dv, None, None, None, None, None
 
 

@@ -13,7 +13,7 @@ forward       one program per (head, query block), the last blocks first; online
               masked tail (the diagonal).  Blocks may straddle segments and groups: rows then
               see different keys, and the per-element mask sorts it out.
 backward      delta = rowsum(dO · O) first (a small kernel), then
-              dK, dV: one program per (kv head, key block), heads fastest; its queries are the contiguous
+              dK, dV: one program per (kv head, key block); its queries are the contiguous
                       range [block start, max visible_until of the block), for every query head
                       that reads the kv head, so the sum over shared heads needs no atomics.
               dQ:     one program per (query block, head), the key ranges of the forward.
@@ -270,10 +270,13 @@ def _dkdv_kernel(
     stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_don,
     stride_dkh, stride_dkn, stride_dvh, stride_dvn,
     N, N_BUCKET, heads_per_kv, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math (and loop state) fp32
-    kv_head, n0 = tl.program_id(0), tl.program_id(1) * BLOCK_N  # heads fastest: see _DKDV_ORDER
+    if HEADS_FIRST:  # the grid's order, an autotuned choice: see _DKDV_ORDERS
+        kv_head, n0 = tl.program_id(0), tl.program_id(1) * BLOCK_N
+    else:
+        kv_head, n0 = tl.program_id(1), tl.program_id(0) * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < N
@@ -367,44 +370,76 @@ def _dq_kernel(
 _TILES = {
     "forward": ([(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
                 [(64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]),
-    "dkdv": ([(64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 3)],
+    "dkdv": ([(64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 4, 2), (32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 4, 3), (64, 128, 8, 3)],
              [(32, 64, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)]),
     "dq": ([(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2)],
            [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)]),
 }
+# More tiles for short packed sequences (head dims ≤ 128): 32 rows where each program walks the whole
+# sequence (the keys of dK/dV, the queries of the forward and dQ).  The heaviest program (the first
+# prefix key block for dK/dV, the last query block for the others) runs through all N rows, and at
+# N ≈ 2000–3000 that path is longer than the average work per SM; halving its tile halves it while
+# the grid grows to fill the SMs.  Kept out at longer lengths, where the work per SM is far longer than
+# any one program: under torch.compile Inductor tunes a kernel once, on the first length it sees, and
+# so tunes each class of lengths apart (SHORT_SEQUENCE: the compiled graph guards on the class).
+SHORT_SEQUENCE = 4096
+_SHORT_TILES = {"forward": [(32, 64, 4, 3)], "dkdv": [(64, 32, 4, 3), (32, 32, 4, 3)], "dq": [(32, 64, 4, 3), (32, 32, 4, 3)]}
 # The interpreter's block sizes: small, and different between the kernels so that the tests see
 # blocks straddle segments in different places.
 _SMALL = {"forward": (16, 16), "dkdv": (16, 32), "dq": (32, 16)}
 _KEY = ["N_BUCKET", "HEAD_DIM"]
 
 
-def _tuned(kernel, name: str) -> list:
-    """`kernel` autotuned over _TILES[name]: [for head dims ≤ 128, for larger ones] (separate
-    autotuners rather than prune_configs_by, which not every torch version traces)."""
+def _tuned(kernel, name: str) -> dict[tuple[bool, bool], triton.runtime.Autotuner]:
+    """`kernel` autotuned over _TILES[name], by (head dim > 128, N ≤ SHORT_SEQUENCE): separate autotuners
+    rather than prune_configs_by, which not every torch version traces."""
     small = {"BLOCK_M": _SMALL[name][0], "BLOCK_N": _SMALL[name][1], "num_warps": 4, "num_stages": 1}
-    return [
-        triton.autotune(configs=autotune_configs([{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s} for m, n, w, s in tiles], small),
-                        key=_KEY)(kernel)
-        for tiles in _TILES[name]
-    ]
+    orders = [{}]
+    if name == "dkdv":  # the interpreter runs key blocks fastest, a GPU's smallest configuration heads fastest: tests see both
+        orders, small = [{"HEADS_FIRST": first} for first in _DKDV_ORDERS], {**small, "HEADS_FIRST": 0}
+
+    def autotuned(tiles):
+        configs = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, **order} for m, n, w, s in tiles for order in orders]
+        return triton.autotune(configs=autotune_configs(configs, small), key=_KEY)(kernel)
+
+    narrow, wide = _TILES[name]
+    wide_tuned = autotuned(wide)
+    return {(False, False): autotuned(narrow), (False, True): autotuned(narrow + _SHORT_TILES[name]),
+            (True, False): wide_tuned, (True, True): wide_tuned}
+
+
+# _DKDV_ORDERS: the dK/dV grid runs either heads fastest, (kv heads, key blocks), or key blocks
+# fastest, (key blocks, kv heads), and the autotuner picks per length as it picks the tiles.  Heads
+# fastest starts the heavy key blocks of the prefix (read by every later query of the group: up to
+# P + G·S rows, against at most S for a suffix's keys) for every head before any light suffix block,
+# where key blocks fastest lets one head's light blocks fill the first wave and the last heads' heavy
+# ones run alone at the end.  Key blocks fastest keeps the programs running together on one head's
+# queries, which L2 then holds.  Measured on an H200 (bf16, D = 64, 16 heads, tiles autotuned): heads
+# fastest 10 % faster at P = 1024 (G = 4 and 8, S = 256), 3 % slower at 4096/8/512.
+_DKDV_ORDERS = (1, 0)  # HEADS_FIRST values; the first is the one EFFCC_TRITON_CONFIGS=smallest keeps
 
 
 _FORWARD = _tuned(_forward_kernel, "forward")
 _DKDV = _tuned(_dkdv_kernel, "dkdv")
 _DQ = _tuned(_dq_kernel, "dq")
 _DELTA_BLOCK_M = 16 if INTERPRETING else 64
-# _DKDV_ORDER: the dK/dV grid is (kv heads, key blocks), heads fastest, so that the heavy key blocks of
-# the prefix (each read by every later query of its group: up to P + G·S rows, against at most S for
-# a suffix's keys) start for every head before any head's light suffix blocks; with key blocks
-# fastest, one head's light blocks filled the first wave and the last heads' heavy ones ran alone at
-# the end.  Measured on an H200 (bf16, D = 64, 16 heads, side by side): 10 % less dK/dV time at
-# P = 1024 (G = 4 and 8, S = 256), 3 % more at 4096/8/512, where key blocks fastest keeps the
-# programs in flight on one head's queries (L2).  The forward gained 4–14 % from the same ordering.
-
-
 # ---- entry points -----------------------------------------------------------------------------------
 def _rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def tokens_major(shape: tuple[int, int, int], like: Tensor) -> Tensor:
+    """An empty [H, N, D] tensor laid out as [N, H, D] in memory, as SDPA's kernels lay out theirs: the
+    model reads the output as [N, H·D] (attention output to o_proj) and hands q, k, v and their
+    gradients over in that layout, so tokens-major results need no copy on either side of the op."""
+    heads, n, d = shape
+    return torch.empty((n, heads, d), dtype=like.dtype, device=like.device).transpose(0, 1)
+
+
+def _tiles_class(n, d: int) -> tuple[bool, bool]:
+    """Which autotuner serves this call: (head dim > 128, N ≤ SHORT_SEQUENCE).  A symbolic N (Inductor
+    tracing the op) makes that a guard, so a compiled graph serves one class of lengths."""
+    return d > 128, bool(n <= SHORT_SEQUENCE)
 
 
 def _n_bucket(n) -> int:
@@ -435,16 +470,16 @@ def _check(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor) -> None:
 def forward(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Tensor, segment_start: Tensor,
             scale: float) -> tuple[Tensor, Tensor]:
     """q [H, N, D], k/v [Hkv, N, D] (query head h reads kv head h // (H / Hkv)), the layout's int32
-    vectors [N] → (out [H, N, D] in q's dtype, lse float32 [H, N]: the natural-log log-sum-exp of
-    each query's scaled scores, for the backward)."""
+    vectors [N] → (out [H, N, D] in q's dtype, tokens-major, lse float32 [H, N]: the natural-log
+    log-sum-exp of each query's scaled scores, for the backward)."""
     _check(q, k, v, group_start)
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     heads, n, d = q.shape
-    out = torch.empty((heads, n, d), dtype=q.dtype, device=q.device)
+    out = tokens_major((heads, n, d), q)
     lse = torch.empty((heads, n), dtype=torch.float32, device=q.device)
     if n == 0 or heads == 0:
         return out, lse
-    wrap_triton(_FORWARD[d > 128])[lambda meta: (heads, triton.cdiv(n, meta["BLOCK_M"]))](
+    wrap_triton(_FORWARD[_tiles_class(n, d)])[lambda meta: (heads, triton.cdiv(n, meta["BLOCK_M"]))](
         q, k, v, out, lse, group_start, prefix_end, segment_start,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         n, _n_bucket(n), heads // k.shape[0], scale * LOG2E.value,
@@ -455,16 +490,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, group_start: Tensor, prefix_end: Te
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, group_start: Tensor, prefix_end: Tensor,
              segment_start: Tensor, visible_until: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq [H, N, D], dk [Hkv, N, D], dv [Hkv, N, D]) in the dtypes of q, k, v; dk and dv summed
-    over the query heads that share a kv head."""
+    """(dq [H, N, D], dk [Hkv, N, D], dv [Hkv, N, D]) in the dtypes of q, k, v, tokens-major; dk and
+    dv summed over the query heads that share a kv head."""
     _check(q, k, v, group_start)
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     grad_out, out, lse = _rows_contiguous(grad_out), _rows_contiguous(out), lse.contiguous()
     heads, n, d = q.shape
     kv_heads = k.shape[0]
-    dq = torch.empty((heads, n, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((kv_heads, n, d), dtype=k.dtype, device=k.device)
-    dv = torch.empty((kv_heads, n, d), dtype=v.dtype, device=v.device)
+    dq, dk, dv = tokens_major((heads, n, d), q), tokens_major((kv_heads, n, d), k), tokens_major((kv_heads, n, d), v)
     if n == 0 or heads == 0:
         return dq, dk, dv
     block_d = _block_d(d)
@@ -474,13 +507,17 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         HEAD_DIM=d, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d,
     )
     common = (n, _n_bucket(n), heads // kv_heads, scale * LOG2E.value, scale)
-    wrap_triton(_DKDV[d > 128])[lambda meta: (kv_heads, triton.cdiv(n, meta["BLOCK_N"]))](
+    def dkdv_grid(meta):
+        key_blocks = triton.cdiv(n, meta["BLOCK_N"])
+        return (kv_heads, key_blocks) if meta["HEADS_FIRST"] else (key_blocks, kv_heads)
+
+    wrap_triton(_DKDV[_tiles_class(n, d)])[dkdv_grid](
         q, k, v, grad_out, lse, delta, dk, dv, visible_until,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         *common, HEAD_DIM=d, BLOCK_D=block_d,
     )
-    wrap_triton(_DQ[d > 128])[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
+    wrap_triton(_DQ[_tiles_class(n, d)])[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
         q, k, v, grad_out, lse, delta, dq, group_start, prefix_end, segment_start, visible_until,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
         dq.stride(0), dq.stride(1),
