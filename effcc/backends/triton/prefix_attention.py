@@ -102,7 +102,7 @@ def _heaviest_first(BLOCK_M: tl.constexpr):
     later they come, so the heaviest blocks start first and the light ones fill the last wave; the
     grid is (heads, blocks), so every head's heavy blocks come before any head's light ones.
     Measured on an H200 (bf16, D = 64, 16 heads, one prefix and G suffixes): the forward 4–14 %
-    faster.  The backward kernels keep their order: reversed, they were as often slower as faster."""
+    faster.  For dQ this order is an autotuned choice (reversed by hand, it was as often slower as faster)."""
     return (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
 
 
@@ -273,7 +273,7 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math (and loop state) fp32
-    if HEADS_FIRST:  # the grid's order, an autotuned choice: see _DKDV_ORDERS
+    if HEADS_FIRST:  # the grid's order, an autotuned choice: see _ORDERS
         kv_head, n0 = tl.program_id(0), tl.program_id(1) * BLOCK_N
     else:
         kv_head, n0 = tl.program_id(1), tl.program_id(0) * BLOCK_N
@@ -338,11 +338,13 @@ def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, GS, PE, SS, VU,
     stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_don, stride_dqh, stride_dqn,
     N, N_BUCKET, heads_per_kv, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAVIEST_FIRST: tl.constexpr,
 ):
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math (and loop state) fp32
-    m0 = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
+    if HEAVIEST_FIRST:  # the grid's order, an autotuned choice: see _ORDERS
+        head, m0 = tl.program_id(0), _heaviest_first(BLOCK_M)
+    else:
+        m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
     kv_head = head // heads_per_kv
     rows, offs_d, row_ok, io_mask, q = _query_block(Q, head, stride_qh, stride_qn, m0, N, HEAD_DIM, BLOCK_M, BLOCK_D)
     do = tl.load(DO + head.to(tl.int64) * stride_doh + rows[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=io_mask, other=0.0)
@@ -395,8 +397,9 @@ def _tuned(kernel, name: str) -> dict[tuple[bool, bool], triton.runtime.Autotune
     rather than prune_configs_by, which not every torch version traces."""
     small = {"BLOCK_M": _SMALL[name][0], "BLOCK_N": _SMALL[name][1], "num_warps": 4, "num_stages": 1}
     orders = [{}]
-    if name == "dkdv":  # the interpreter runs key blocks fastest, a GPU's smallest configuration heads fastest: tests see both
-        orders, small = [{"HEADS_FIRST": first} for first in _DKDV_ORDERS], {**small, "HEADS_FIRST": 0}
+    if name in _ORDERS:  # the interpreter runs the second order, a GPU's smallest configuration the first: tests see both
+        flag, values = _ORDERS[name]
+        orders, small = [{flag: value} for value in values], {**small, flag: values[1]}
 
     def autotuned(tiles):
         configs = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, **order} for m, n, w, s in tiles for order in orders]
@@ -408,15 +411,17 @@ def _tuned(kernel, name: str) -> dict[tuple[bool, bool], triton.runtime.Autotune
             (True, False): wide_tuned, (True, True): wide_tuned}
 
 
-# _DKDV_ORDERS: the dK/dV grid runs either heads fastest, (kv heads, key blocks), or key blocks
-# fastest, (key blocks, kv heads), and the autotuner picks per length as it picks the tiles.  Heads
-# fastest starts the heavy key blocks of the prefix (read by every later query of the group: up to
-# P + G·S rows, against at most S for a suffix's keys) for every head before any light suffix block,
+# _ORDERS: the grid orders the autotuner picks from per length, as it picks the tiles.  The dK/dV grid
+# runs either heads fastest, (kv heads, key blocks), or key blocks fastest, (key blocks, kv heads).
+# Heads fastest starts the heavy key blocks of the prefix (read by every later query of the group: up
+# to P + G·S rows, against at most S for a suffix's keys) for every head before any light suffix block,
 # where key blocks fastest lets one head's light blocks fill the first wave and the last heads' heavy
 # ones run alone at the end.  Key blocks fastest keeps the programs running together on one head's
 # queries, which L2 then holds.  Measured on an H200 (bf16, D = 64, 16 heads, tiles autotuned): heads
-# fastest 10 % faster at P = 1024 (G = 4 and 8, S = 256), 3 % slower at 4096/8/512.
-_DKDV_ORDERS = (1, 0)  # HEADS_FIRST values; the first is the one EFFCC_TRITON_CONFIGS=smallest keeps
+# fastest 10 % faster at P = 1024 (G = 4 and 8, S = 256), 3 % slower at 4096/8/512.  The dQ grid runs
+# query blocks fastest in order, or the forward's order (heads fastest, heaviest blocks first).
+# (flag, values): the first value is the one EFFCC_TRITON_CONFIGS=smallest keeps.
+_ORDERS = {"dkdv": ("HEADS_FIRST", (1, 0)), "dq": ("HEAVIEST_FIRST", (0, 1))}
 
 
 _FORWARD = _tuned(_forward_kernel, "forward")
@@ -517,7 +522,11 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         *common, HEAD_DIM=d, BLOCK_D=block_d,
     )
-    wrap_triton(_DQ[_tiles_class(n, d)])[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), heads)](
+    def dq_grid(meta):
+        query_blocks = triton.cdiv(n, meta["BLOCK_M"])
+        return (heads, query_blocks) if meta["HEAVIEST_FIRST"] else (query_blocks, heads)
+
+    wrap_triton(_DQ[_tiles_class(n, d)])[dq_grid](
         q, k, v, grad_out, lse, delta, dq, group_start, prefix_end, segment_start, visible_until,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
         dq.stride(0), dq.stride(1),
