@@ -167,7 +167,7 @@ def grouped_step(grouped, prefix, suffixes, weights):
 
 
 KERNEL_KINDS = (  # (kind, name fragments), first match wins: where a step's GPU time goes
-    ("attention", ("_forward_kernel", "_dkdv_kernel", "_dq_kernel", "_delta_kernel", "flash", "fmha", "attention")),
+    ("attention", ("_forward_kernel", "_backward_kernel", "_delta_kernel", "flash", "fmha", "attention")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "matmul")),
     ("fused elementwise / reductions (Inductor)", ("triton_",)),
 )

@@ -8,7 +8,8 @@ Prints, for each shape (prefix P × G suffixes × suffix length S, one group), t
 kernel per step, the FLOP rate of the whole step (forward 4·visible pairs·D per head, backward 2.5×)
 and the tiles the autotuner chose.  --against FILE: another version of the kernels' module
 (effcc/backends/triton/prefix_attention.py, e.g. from another commit) profiled on the same inputs in
-the same process, side by side, so that a change is timed against its baseline on one GPU.
+the same process, side by side, so that a change is timed against its baseline on one GPU; repeat it
+to add more versions (each labelled by its file name).
 """
 
 import argparse
@@ -27,9 +28,9 @@ def visible_pairs(prefix: int, groups: int, suffix: int) -> int:
     return prefix * (prefix + 1) // 2 + groups * (suffix * prefix + suffix * (suffix + 1) // 2)
 
 
-def load_kernels(path: Path):
+def load_kernels(path: Path, index: int = 0):
     """Another version of the kernels' module, as a module of effcc.backends.triton (its relative imports resolve)."""
-    spec = importlib.util.spec_from_file_location("effcc.backends.triton._prefix_attention_baseline", path)
+    spec = importlib.util.spec_from_file_location(f"effcc.backends.triton._prefix_attention_version{index}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -59,8 +60,13 @@ def kernel_times(kernels, q, k, v, layout, steps: int = 10) -> list[tuple[str, f
 def chosen_configs(kernels, head_dim: int, n: int) -> str:
     """The tiles each kernel's autotuner chose for this head dim and length (older versions key by head dim alone)."""
     which = (head_dim > 128, n <= getattr(kernels, "SHORT_SEQUENCE", 0))
-    tuners = {"forward": kernels._FORWARD, "dK/dV": kernels._DKDV, "dQ": kernels._DQ}
-    chosen = {name: (table[which] if which in table else table[which[0]]).best_config for name, table in tuners.items()}
+    tuners = {"forward": "_FORWARD", "dK/dV": "_DKDV", "dQ": "_DQ", "backward": "_BACKWARD"}
+    chosen = {}
+    for name, attribute in tuners.items():
+        table = getattr(kernels, attribute, {})  # {(wide head, short sequence): tuner}, or [narrow, wide] in older versions
+        tuner = table.get(which) if isinstance(table, dict) else table[which[0]]
+        if getattr(tuner, "best_config", None) is not None:  # a version may not run every kernel it defines
+            chosen[name] = tuner.best_config
     return "; ".join(f"{name} {config}" for name, config in chosen.items())
 
 
@@ -84,12 +90,13 @@ def main():
     parser.add_argument("--shapes", default="1024x8x256,4096x8x512,4096x16x256")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--against", type=Path, help="another version of effcc/backends/triton/prefix_attention.py, profiled side by side")
+    parser.add_argument("--against", type=Path, action="append", default=[],
+                        help="another version of effcc/backends/triton/prefix_attention.py, profiled side by side (repeatable)")
     args = parser.parse_args()
     print(torch.cuda.get_device_name())
     versions = {"this": current_kernels}
-    if args.against is not None:
-        versions["against"] = load_kernels(args.against)
+    for index, path in enumerate(args.against):
+        versions[path.stem] = load_kernels(path, index)
     for shape in args.shapes.split(","):
         prefix, groups, suffix = (int(x) for x in shape.split("x"))
         profile_shape(prefix, groups, suffix, args.heads, args.head_dim, versions)

@@ -8,9 +8,10 @@ Triton's wheel carries ptxas, nvdisasm and cuobjdump.
         --types X=*bf16,QW=*u8,SCALES=*bf16,ZEROS=*u8,BIAS=*bf16,C=*bf16,PARTIAL=*fp32,ARRIVED=*i32 \\
         --constexprs GROUP=128,HAS_BIAS=0,DOT_IN_FP32=0,BLOCK_M=16,BLOCK_N=128,SPLIT_K=4,WEIGHTS_AS_A=1 --warps 8 --stages 3
 
-To compile with the Triton a GPU machine has (spills can differ: the prefix-attention dK/dV kernel
-spills up to 944 bytes a thread under Triton 3.6 at D = 64, less under 3.9; the loops say where the
-reloads are, LDL: there, between its inner loops, not in them), put that version first on the path:
+To compile with the Triton a GPU machine has (spills can differ: the prefix-attention dK/dV kernel,
+now the dK/dV programs of _backward_kernel, spilled up to 944 bytes a thread under Triton 3.6 at
+D = 64, less under 3.9; the loops say where the reloads are, LDL: there, between its inner loops,
+not in them), put that version first on the path:
 pip install --no-deps --target /tmp/triton36 triton==3.6.0, then run with PYTHONPATH=/tmp/triton36.
 
 Arguments not named in --types are 32-bit integers; pointers and integers are taken as multiples of

@@ -12,12 +12,13 @@ forward       one program per (head, query block), the last blocks first; online
               key blocks that every row of the query block sees (no mask computed there) and a
               masked tail (the diagonal).  Blocks may straddle segments and groups: rows then
               see different keys, and the per-element mask sorts it out.
-backward      delta = rowsum(dO · O) first (a small kernel), then
-              dK, dV: one program per (kv head, key block); its queries are the contiguous
-                      range [block start, max visible_until of the block), for every query head
-                      that reads the kv head, so the sum over shared heads needs no atomics.
-              dQ:     one program per (query block, head), the key ranges of the forward.
-              Both mask with visible_until (two comparisons per element instead of five).
+backward      delta = rowsum(dO · O) first (a small kernel), then one launch whose programs are
+              dK, dV: one per (kv head, key block); its queries are the contiguous range
+                      [block start, max visible_until of the block), for every query head that
+                      reads the kv head, so the sum over shared heads needs no atomics;
+              dQ:     one per (head, query block), the key ranges of the forward;
+              interleaved heaviest first.  Both mask with visible_until (two comparisons per
+              element instead of five).
 
 fp16 and bf16 multiply on the tensor cores; fp32 inputs too, as three TF32 products each
 (about fp32 accuracy: the fp32 path stays with the reference).  Head dims up to 256, any size
@@ -102,7 +103,7 @@ def _heaviest_first(BLOCK_M: tl.constexpr):
     later they come, so the heaviest blocks start first and the light ones fill the last wave; the
     grid is (heads, blocks), so every head's heavy blocks come before any head's light ones.
     Measured on an H200 (bf16, D = 64, 16 heads, one prefix and G suffixes): the forward 4–14 %
-    faster.  For dQ this order is an autotuned choice (reversed by hand, it was as often slower as faster)."""
+    faster.  The backward's dQ programs take the same order (_backward_kernel)."""
     return (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
 
 
@@ -265,18 +266,12 @@ def _dkdv_from_queries(dk, dv, k, v, Q_HEAD, DO_HEAD, LSE_HEAD, DELTA_HEAD, stri
 
 
 @triton.jit
-def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, VU,
-    stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_don,
-    stride_dkh, stride_dkn, stride_dvh, stride_dvn,
-    N, N_BUCKET, heads_per_kv, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_FIRST: tl.constexpr,
-):
-    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math (and loop state) fp32
-    if HEADS_FIRST:  # the grid's order, an autotuned choice: see _ORDERS
-        kv_head, n0 = tl.program_id(0), tl.program_id(1) * BLOCK_N
-    else:
-        kv_head, n0 = tl.program_id(1), tl.program_id(0) * BLOCK_N
+def _dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, VU,
+                  stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_don,
+                  stride_dkh, stride_dkn, stride_dvh, stride_dvn, kv_head, n0, N, heads_per_kv, qk_scale, sm_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK, dV of the keys [n0, n0 + BLOCK_N) of one kv head, over every query head that reads it (the
+    sum over shared heads needs no atomics)."""
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < N
@@ -289,7 +284,6 @@ def _dkdv_kernel(
     # rows in [last key, min vu) see every key of the block.
     end = tl.max(vu, axis=0)
     lo, hi, end = _unmasked_span(n0, end, n0 + BLOCK_N - 1, tl.min(tl.where(col_ok, vu, N), axis=0), BLOCK_M)
-
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     first_head = (kv_head * heads_per_kv).to(tl.int64)
@@ -334,17 +328,11 @@ def _dq_from_keys(dq, q, do, lse, delta, K_HEAD, V_HEAD, VU, stride_kn, stride_v
 
 
 @triton.jit
-def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, GS, PE, SS, VU,
-    stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_don, stride_dqh, stride_dqn,
-    N, N_BUCKET, heads_per_kv, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAVIEST_FIRST: tl.constexpr,
-):
-    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math (and loop state) fp32
-    if HEAVIEST_FIRST:  # the grid's order, an autotuned choice: see _ORDERS
-        head, m0 = tl.program_id(0), _heaviest_first(BLOCK_M)
-    else:
-        m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+def _dq_program(Q, K, V, DO, LSE, DELTA, DQ, GS, PE, SS, VU,
+                stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_don, stride_dqh, stride_dqn,
+                head, m0, N, heads_per_kv, qk_scale, sm_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ of the queries [m0, m0 + BLOCK_M) of one head, over the key ranges of the forward."""
     kv_head = head // heads_per_kv
     rows, offs_d, row_ok, io_mask, q = _query_block(Q, head, stride_qh, stride_qn, m0, N, HEAD_DIM, BLOCK_M, BLOCK_D)
     do = tl.load(DO + head.to(tl.int64) * stride_doh + rows[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=io_mask, other=0.0)
@@ -352,7 +340,6 @@ def _dq_kernel(
     delta = tl.load(DELTA + head.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
     K_HEAD = K + kv_head.to(tl.int64) * stride_kh
     V_HEAD = V + kv_head.to(tl.int64) * stride_vh
-
     _gs, _pe, _ss, p_lo, p_hi, p_full_lo, p_full_hi, o_lo, o_hi, o_full_lo, o_full_hi = _key_ranges(GS, PE, SS, m0, N, BLOCK_M)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for part in tl.static_range(2):  # the prefix part, then the own segments
@@ -364,31 +351,70 @@ def _dq_kernel(
     tl.store(DQ + head.to(tl.int64) * stride_dqh + rows[:, None].to(tl.int64) * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
 
 
+@triton.jit
+def _backward_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, GS, PE, SS, VU,
+    stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_don,
+    stride_dqh, stride_dqn, stride_dkh, stride_dkn, stride_dvh, stride_dvn,
+    N, N_BUCKET, heads_per_kv, kv_heads, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK/dV and dQ on one grid: dK/dV programs (heads fastest, the heavy prefix key blocks first, read
+    by up to P + G·S queries each against at most S for a suffix's) alternate with dQ programs (heads
+    fastest, the heavy last query blocks first), the rest of the longer list after them.  Both
+    lists go from heavy to light, so the light programs of each fill the last wave rather than the
+    tail of two launches.  Measured on an H100 (bf16, D = 64, 16 heads, P = 1024, G = 4, S = 256):
+    0.086 ms against 0.095 for the two kernels apart, each with its best grid order."""
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64
+    pid = tl.program_id(0)
+    heads = kv_heads * heads_per_kv
+    dkdv_programs = kv_heads * tl.cdiv(N, BLOCK_N)
+    query_blocks = tl.cdiv(N, BLOCK_M)
+    dq_programs = heads * query_blocks
+    paired = tl.minimum(dkdv_programs, dq_programs)
+    if pid < 2 * paired:
+        is_dq = pid % 2 == 1
+        index = pid // 2
+    else:
+        is_dq = dq_programs > dkdv_programs
+        index = pid - paired
+    if is_dq:
+        _dq_program(Q, K, V, DO, LSE, DELTA, DQ, GS, PE, SS, VU,
+                    stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_don, stride_dqh, stride_dqn,
+                    index % heads, (query_blocks - 1 - index // heads) * BLOCK_M, N, heads_per_kv, qk_scale, sm_scale,
+                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        _dkdv_program(Q, K, V, DO, LSE, DELTA, DK, DV, VU,
+                      stride_qh, stride_qn, stride_kh, stride_kn, stride_vh, stride_vn, stride_doh, stride_don,
+                      stride_dkh, stride_dkn, stride_dvh, stride_dvn, index % kv_heads, (index // kv_heads) * BLOCK_N, N, heads_per_kv,
+                      qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
 # ---- configurations ---------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, warps, stages) for head dims up to 128, and past 128 (tiles of at most 64
-# rows, fewer stages: shared memory; the last fits fp32 at D = 256).  Measured on an H100 (bf16,
-# D = 64, N = 4096, causal and 2 × (P = 1024 + 4 × 256)): 64 × 64, 4 warps, 3 stages was the
-# fastest for all three kernels; the rest are there for other head dims, lengths and dtypes.
+# rows, fewer stages: shared memory; the last fits fp32 at D = 256).  The backward's BLOCK_N is a dK/dV
+# program's key block and a dQ program's key step, BLOCK_M a dQ program's query block and a dK/dV
+# program's query step.  Measured on an H100 (bf16, D = 64, N = 4096, causal and 2 × (P = 1024 +
+# 4 × 256)): 64 × 64, 4 warps, 3 stages was the fastest for the forward and the separate dK/dV and dQ
+# kernels of the time; the rest are there for other head dims, lengths and dtypes.
 _TILES = {
     "forward": ([(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
                 [(64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]),
-    "dkdv": ([(64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 4, 2), (32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 4, 3), (64, 128, 8, 3)],
-             [(32, 64, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)]),
-    "dq": ([(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2)],
-           [(64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)]),
+    "backward": ([(64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3), (128, 64, 8, 3)],
+                 [(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]),
 }
 # More tiles for short packed sequences (head dims ≤ 128): 32 rows where each program walks the whole
-# sequence (the keys of dK/dV, the queries of the forward and dQ).  The heaviest program (the first
-# prefix key block for dK/dV, the last query block for the others) runs through all N rows, and at
-# N ≈ 2000–3000 that path is longer than the average work per SM; halving its tile halves it while
-# the grid grows to fill the SMs.  Kept out at longer lengths, where the work per SM is far longer than
-# any one program: under torch.compile Inductor tunes a kernel once, on the first length it sees, and
-# so tunes each class of lengths apart (SHORT_SEQUENCE: the compiled graph guards on the class).
+# sequence (the queries of the forward and of dQ, the keys of dK/dV).  The heaviest program (the last
+# query block; the first prefix key block for dK/dV) runs through all N rows, and at N ≈ 2000–3000
+# that path is longer than the average work per SM; halving its tile halves it while the grid grows to
+# fill the SMs.  Kept out at longer lengths, where the work per SM is far longer than any one program:
+# under torch.compile Inductor tunes a kernel once, on the first length it sees, and so tunes each
+# class of lengths apart (SHORT_SEQUENCE: the compiled graph guards on the class).
 SHORT_SEQUENCE = 4096
-_SHORT_TILES = {"forward": [(32, 64, 4, 3)], "dkdv": [(64, 32, 4, 3), (32, 32, 4, 3)], "dq": [(32, 64, 4, 3), (32, 32, 4, 3)]}
+_SHORT_TILES = {"forward": [(32, 64, 4, 3)], "backward": [(32, 32, 4, 3)]}
 # The interpreter's block sizes: small, and different between the kernels so that the tests see
 # blocks straddle segments in different places.
-_SMALL = {"forward": (16, 16), "dkdv": (16, 32), "dq": (32, 16)}
+_SMALL = {"forward": (16, 16), "backward": (16, 32)}
 _KEY = ["N_BUCKET", "HEAD_DIM"]
 
 
@@ -396,13 +422,9 @@ def _tuned(kernel, name: str) -> dict[tuple[bool, bool], triton.runtime.Autotune
     """`kernel` autotuned over _TILES[name], by (head dim > 128, N ≤ SHORT_SEQUENCE): separate autotuners
     rather than prune_configs_by, which not every torch version traces."""
     small = {"BLOCK_M": _SMALL[name][0], "BLOCK_N": _SMALL[name][1], "num_warps": 4, "num_stages": 1}
-    orders = [{}]
-    if name in _ORDERS:  # the interpreter runs the second order, a GPU's smallest configuration the first: tests see both
-        flag, values = _ORDERS[name]
-        orders, small = [{flag: value} for value in values], {**small, flag: values[1]}
 
     def autotuned(tiles):
-        configs = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, **order} for m, n, w, s in tiles for order in orders]
+        configs = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s} for m, n, w, s in tiles]
         return triton.autotune(configs=autotune_configs(configs, small), key=_KEY)(kernel)
 
     narrow, wide = _TILES[name]
@@ -411,22 +433,8 @@ def _tuned(kernel, name: str) -> dict[tuple[bool, bool], triton.runtime.Autotune
             (True, False): wide_tuned, (True, True): wide_tuned}
 
 
-# _ORDERS: the grid orders the autotuner picks from per length, as it picks the tiles.  The dK/dV grid
-# runs either heads fastest, (kv heads, key blocks), or key blocks fastest, (key blocks, kv heads).
-# Heads fastest starts the heavy key blocks of the prefix (read by every later query of the group: up
-# to P + G·S rows, against at most S for a suffix's keys) for every head before any light suffix block,
-# where key blocks fastest lets one head's light blocks fill the first wave and the last heads' heavy
-# ones run alone at the end.  Key blocks fastest keeps the programs running together on one head's
-# queries, which L2 then holds.  Measured on an H200 (bf16, D = 64, 16 heads, tiles autotuned): heads
-# fastest 10 % faster at P = 1024 (G = 4 and 8, S = 256), 3 % slower at 4096/8/512.  The dQ grid runs
-# query blocks fastest in order, or the forward's order (heads fastest, heaviest blocks first).
-# (flag, values): the first value is the one EFFCC_TRITON_CONFIGS=smallest keeps.
-_ORDERS = {"dkdv": ("HEADS_FIRST", (1, 0)), "dq": ("HEAVIEST_FIRST", (0, 1))}
-
-
 _FORWARD = _tuned(_forward_kernel, "forward")
-_DKDV = _tuned(_dkdv_kernel, "dkdv")
-_DQ = _tuned(_dq_kernel, "dq")
+_BACKWARD = _tuned(_backward_kernel, "backward")
 _DELTA_BLOCK_M = 16 if INTERPRETING else 64
 # ---- entry points -----------------------------------------------------------------------------------
 def _rows_contiguous(t: Tensor) -> Tensor:
@@ -511,25 +519,14 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), n,
         HEAD_DIM=d, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d,
     )
-    common = (n, _n_bucket(n), heads // kv_heads, scale * LOG2E.value, scale)
-    def dkdv_grid(meta):
-        key_blocks = triton.cdiv(n, meta["BLOCK_N"])
-        return (kv_heads, key_blocks) if meta["HEADS_FIRST"] else (key_blocks, kv_heads)
 
-    wrap_triton(_DKDV[_tiles_class(n, d)])[dkdv_grid](
-        q, k, v, grad_out, lse, delta, dk, dv, visible_until,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        *common, HEAD_DIM=d, BLOCK_D=block_d,
-    )
-    def dq_grid(meta):
-        query_blocks = triton.cdiv(n, meta["BLOCK_M"])
-        return (heads, query_blocks) if meta["HEAVIEST_FIRST"] else (query_blocks, heads)
+    def grid(meta):
+        return (kv_heads * triton.cdiv(n, meta["BLOCK_N"]) + heads * triton.cdiv(n, meta["BLOCK_M"]),)
 
-    wrap_triton(_DQ[_tiles_class(n, d)])[dq_grid](
-        q, k, v, grad_out, lse, delta, dq, group_start, prefix_end, segment_start, visible_until,
+    wrap_triton(_BACKWARD[_tiles_class(n, d)])[grid](
+        q, k, v, grad_out, lse, delta, dq, dk, dv, group_start, prefix_end, segment_start, visible_until,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
-        dq.stride(0), dq.stride(1),
-        *common, HEAD_DIM=d, BLOCK_D=block_d,
+        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        n, _n_bucket(n), heads // kv_heads, kv_heads, scale * LOG2E.value, scale, HEAD_DIM=d, BLOCK_D=block_d,
     )
     return dq, dk, dv
