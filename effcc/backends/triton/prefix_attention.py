@@ -163,14 +163,24 @@ def _attend(acc, m_i, l_i, q, K_HEAD, V_HEAD, stride_kn, stride_vn, rows, gs, pe
 
 
 @triton.jit
-def _query_block(Q, head, stride_qh, stride_qn, m0, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The rows [m0, m0 + BLOCK_M) of query head `head`: (rows, offs_d, row_ok, io_mask, q)."""
+def _query_rows(m0, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The rows [m0, m0 + BLOCK_M) of a query block: (rows, offs_d, row_ok, io_mask).
+
+    No pointer goes in: Inductor reads which tensors a kernel writes from its Triton IR, following a
+    store's address back through every argument of each call it came out of.  Rows made by a
+    function that also took Q would make each store through them count as a write to Q, and
+    Inductor would copy q (a 2 × N × H × D-byte clone) before every launch, forward and backward."""
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + head.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
-    return rows, offs_d, row_ok, io_mask, q
+    return rows, offs_d, row_ok, io_mask
+
+
+@triton.jit
+def _row_tile(X, head, stride_xh, stride_xn, rows, offs_d, io_mask):
+    """The [rows, head] tile of an [H, N, D] tensor (zeros where io_mask is off)."""
+    return tl.load(X + head.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xn + offs_d[None, :], mask=io_mask, other=0.0)
 
 
 @triton.jit
@@ -196,7 +206,8 @@ def _forward_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math (and loop state) fp32
     head, m0 = tl.program_id(0), _heaviest_first(BLOCK_M)
     kv_head = head // heads_per_kv
-    rows, offs_d, row_ok, io_mask, q = _query_block(Q, head, stride_qh, stride_qn, m0, N, HEAD_DIM, BLOCK_M, BLOCK_D)
+    rows, offs_d, row_ok, io_mask = _query_rows(m0, N, HEAD_DIM, BLOCK_M, BLOCK_D)
+    q = _row_tile(Q, head, stride_qh, stride_qn, rows, offs_d, io_mask)
     K_HEAD = K + kv_head.to(tl.int64) * stride_kh
     V_HEAD = V + kv_head.to(tl.int64) * stride_vh
 
@@ -334,8 +345,9 @@ def _dq_program(Q, K, V, DO, LSE, DELTA, DQ, GS, PE, SS, VU,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ of the queries [m0, m0 + BLOCK_M) of one head, over the key ranges of the forward."""
     kv_head = head // heads_per_kv
-    rows, offs_d, row_ok, io_mask, q = _query_block(Q, head, stride_qh, stride_qn, m0, N, HEAD_DIM, BLOCK_M, BLOCK_D)
-    do = tl.load(DO + head.to(tl.int64) * stride_doh + rows[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=io_mask, other=0.0)
+    rows, offs_d, row_ok, io_mask = _query_rows(m0, N, HEAD_DIM, BLOCK_M, BLOCK_D)
+    q = _row_tile(Q, head, stride_qh, stride_qn, rows, offs_d, io_mask)
+    do = _row_tile(DO, head, stride_doh, stride_don, rows, offs_d, io_mask)
     lse = tl.load(LSE + head.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + head.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
     K_HEAD = K + kv_head.to(tl.int64) * stride_kh
