@@ -249,5 +249,8 @@ def prefix_attention(
     if q.shape[0] != 1:
         raise ValueError(f"prefix_attention runs on one packed sequence (batch 1), got a batch of {q.shape[0]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, _ = torch.ops.effcc.prefix_attention_fwd(q[0], k[0], v[0], group_start, prefix_end, segment_start, visible_until, scale)
+    # squeeze, not q[0]: the gradient of a select is a fresh zeroed tensor that Inductor fills (a copy of
+    # dq, dk or dv per layer), that of a squeeze is a view
+    out, _ = torch.ops.effcc.prefix_attention_fwd(q.squeeze(0), k.squeeze(0), v.squeeze(0), group_start, prefix_end, segment_start,
+                                                  visible_until, scale)
     return out.unsqueeze(0)
