@@ -42,7 +42,7 @@ from .quantized_linear import INTERPRETING, autotune_configs
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): the kernels work in base 2
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
-MAX_TOKENS = 65535 * 32  # the forward's query blocks and dK/dV's key blocks (at least 32 rows on the GPU) lie on grid axis 1
+MAX_TOKENS = 65535 * 32  # the forward's query blocks (at least 32 rows on the GPU) lie on grid axis 1; the backward's grid is one axis
 
 
 # ---- shared pieces --------------------------------------------------------------------------------
