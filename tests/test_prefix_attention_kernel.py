@@ -10,6 +10,7 @@ max |kernel − reference| / max(max |reference|, 1).
 
 import pytest
 import torch
+import triton
 
 from effcc.backends.triton import prefix_attention as kernels
 from effcc.ops.prefix_attention import PackedLayout, prefix_attention_reference, visible_keys
@@ -85,6 +86,20 @@ def test_matches_reference(layout_name, heads, dtype):
     dim = 16 if heads[0] != heads[1] else 24
     layout, q, k, v, grad_out = _inputs(LAYOUTS[layout_name], *heads, dim, dtype)
     _check_against_reference(layout, q, k, v, grad_out, dtype, torch.float64)
+
+
+@pytest.mark.parametrize("tile", [(32, 16), (16, 32)], ids=["block_m32-block_n16", "block_m16-block_n32"])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["mha", "gqa"])
+def test_backward_programs_pair_then_run_out(tile, heads, monkeypatch):
+    """The backward's one grid alternates dK/dV and dQ programs, then runs the rest of the longer list:
+    query blocks (BLOCK_M) and key blocks (BLOCK_N) of other sizes, and GQA (fewer kv heads), leave
+    either list the longer one."""
+    block_m, block_n = tile
+    tuner = triton.autotune(configs=[triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)],
+                            key=kernels._KEY)(kernels._backward_kernel)
+    monkeypatch.setattr(kernels, "_BACKWARD", dict.fromkeys(kernels._BACKWARD, tuner))
+    layout, q, k, v, grad_out = _inputs(LAYOUTS["long-spans"], *heads, 16, torch.float32, seed=11)
+    _check_against_reference(layout, q, k, v, grad_out, torch.float32, torch.float64)
 
 
 @pytest.mark.parametrize("dim", [16, 24, 80, 160])
