@@ -76,8 +76,9 @@ def profile_shape(prefix: int, groups: int, suffix: int, heads: int, head_dim: i
     q, k, v = (torch.randn(heads, n, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flops = 3.5 * 4 * visible_pairs(prefix, groups, suffix) * head_dim * heads
     times = {label: kernel_times(kernels, q, k, v, layout) for label, kernels in versions.items()}
+    totals = {label: sum(ms for _, ms in rows) for label, rows in times.items()}
     print(f"P={prefix} G={groups} S={suffix} (N={n}, H={heads}, D={head_dim}), ms per step: " + ", ".join(
-        f"{label} {sum(ms for _, ms in rows):.3f} ({flops / sum(ms for _, ms in rows) / 1e9:.0f} TFLOP/s)" for label, rows in times.items()))
+        f"{label} {total:.3f} ({flops / total / 1e9:.0f} TFLOP/s)" for label, total in totals.items()))
     names = list(dict.fromkeys(name for rows in times.values() for name, _ in rows))
     for name in names:
         print("  " + "  ".join(f"{dict(rows).get(name, 0.0):7.3f}" for rows in times.values()) + f"  {name[:70]}")
